@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed-base: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e ".[vision]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(BIN)/pip install --quiet -e ".[vision,arviz,test,dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+demo: $(VENV)/.installed-base
+	$(BIN)/pyro-sparse demo --out runs/demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check pyro_sparse tests benchmarks
+	PYRO_SPARSE_SMOKE=1 $(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

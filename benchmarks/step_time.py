@@ -1,0 +1,116 @@
+"""Milliseconds per training step, side by side in one run (batch 128, CPU by default):
+
+(a) plain PyTorch: the deterministic network, cross-entropy, Adam;
+(b) pyro-sparse: the MeanField guide's fused ELBO step (closed-form KL, local reparameterization);
+(c) Pyro: the same BayesianNetwork with ``SVI(model, AutoNormal(model), Adam, TraceMeanField_ELBO())``.
+
+Steps of the three are interleaved in rounds so machine noise hits them alike; the median over
+rounds is reported. Prints a table with the ratios (b)/(a) and (c)/(b) and writes JSON.
+
+    .venv/bin/python benchmarks/step_time.py [--steps 60] [--out benchmarks/results/step_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_sparse as ps
+from pyro_sparse.infer.elbo import negative_elbo
+from pyro_sparse.infer.svi import make_adam
+
+NETS = {
+    "mlp 784-400-400-10": lambda: ps.nets.mlp(784, (400, 400), 10),
+    "lenet5": lambda: ps.nets.lenet5(1, 10, 28),
+}
+
+
+def plain_step(net, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+
+
+def ours_step(model, guide, optimizer, x, y):
+    terms = negative_elbo(model, guide, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    optimizer.step()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    dataset_size = 60000
+
+    net = NETS[name]().to(device)
+    plain_opt = make_adam(list(net.parameters()), 1e-3)  # the same (fused) Adam as ours
+
+    model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size).to(device)
+    guide = ps.MeanField(model).to(device)
+    ours_opt = make_adam([*guide.parameters(), *model.parameters()], 1e-3)
+
+    pyro.clear_param_store()
+    pyro_model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size).to(device)
+    svi = SVI(pyro_model, AutoNormal(pyro_model), pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+
+    runs = {
+        "plain_ms": lambda: plain_step(net, plain_opt, x, y),
+        "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
+        "pyro_svi_ms": lambda: svi.step(x, y),
+    }
+    for fn in runs.values():  # warm-up
+        for _ in range(5):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(steps):
+        for key, fn in runs.items():
+            times[key].append(timed(fn))
+    result = {key: statistics.median(values) for key, values in times.items()}
+    result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
+    result["pyro_over_ours"] = result["pyro_svi_ms"] / result["ours_ms"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results/step_time.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    results = {name: benchmark(name, args.steps, args.batch_size, device) for name in NETS}
+    header = f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(c) Pyro SVI':>13} {'(b)/(a)':>8} {'(c)/(b)':>8}"
+    print(f"ms per training step, batch {args.batch_size}, {device}, median of {args.steps} interleaved rounds")
+    print(header)
+    for name, r in results.items():
+        print(f"{name:<20} {r['plain_ms']:>10.2f} {r['ours_ms']:>10.2f} {r['pyro_svi_ms']:>13.2f} "
+              f"{r['ours_over_plain']:>8.2f} {r['pyro_over_ours']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"batch_size": args.batch_size, "device": str(device), "steps": args.steps,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""How a network's layers get their Bayesian weights during a forward pass.
+
+``substituted_weights``: weight draws are put in place of the layers' stored weights (cheaper
+than ``torch.func.functional_call``, which re-walks the whole module tree on every call).
+
+Local reparameterization for Linear and convolutional layers:
+
+With independent Gaussian weights w ~ N(μ, σ²), a linear layer's pre-activation for one example
+is Gaussian: N(x·μ, x²·σ²). Sampling it per example (Kingma et al., 2015) instead of sampling one
+weight matrix per batch costs one more product and gives lower-variance gradients.
+
+``enable_local_reparameterization(layer)`` switches the class of a (copied) layer to a subclass
+that, while ``local_reparameterization(...)`` hands it weight moments, computes that sample; at
+all other times it is exactly the original layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_VARIANCE_FLOOR = 1e-16
+
+
+class LocalReparameterization:
+    """Mixin for nn.Linear / nn.ConvNd subclasses; see the module docstring."""
+
+    _moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, bias)
+        return self._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self._moments
+        if moments is None:
+            return super().forward(x)
+        weight_loc, weight_var = moments["weight"]
+        bias_loc, bias_var = moments.get("bias", (self.bias, None))
+        mean = self._product(x, weight_loc, bias_loc)
+        var = self._product(x * x, weight_var, bias_var)
+        return torch.addcmul(mean, var.clamp_min(_VARIANCE_FLOOR).sqrt(), torch.randn_like(mean))
+
+
+_subclasses: dict[type, type] = {}
+
+
+def enable_local_reparameterization(layer: nn.Module) -> bool:
+    """Give ``layer`` (in place) the local-reparameterization forward; False if it has none."""
+    if isinstance(layer, LocalReparameterization):
+        return True
+    cls = type(layer)
+    if not issubclass(cls, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return False
+    if cls not in _subclasses:
+        _subclasses[cls] = type(cls.__name__, (LocalReparameterization, cls), {"__module__": __name__})
+    layer.__class__ = _subclasses[cls]
+    return True
+
+
+@contextlib.contextmanager
+def substituted_weights(
+    layers: Mapping[str, tuple[nn.Module, str]], weights: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, ``layers[name] = (module, attribute)`` holds ``weights[name]``.
+
+    The attribute must be a buffer of the module (as ``BayesianNetwork`` makes every Bayesian
+    parameter); gradients flow from the output to the substituted tensors.
+    """
+    saved = []
+    try:
+        for name, value in weights.items():
+            module, attribute = layers[name]
+            saved.append((module, attribute, module._buffers[attribute]))
+            module._buffers[attribute] = value
+        yield
+    finally:
+        for module, attribute, original in reversed(saved):
+            module._buffers[attribute] = original
+
+
+@contextlib.contextmanager
+def local_reparameterization(
+    net: nn.Module, sites: Mapping, moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
+    """Within the block, layers of ``net`` whose sites have moments sample their pre-activations.
+
+    Args:
+        net: the network holding the layers.
+        sites: ``BayesianNetwork.sites`` (name -> Site).
+        moments: site name -> (mean, variance) tensors of the site's shape.
+    """
+    if not moments:
+        yield
+        return
+    per_layer: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, value in moments.items():
+        site = sites[name]
+        per_layer.setdefault(site.module_path, {})[site.attribute] = value
+    layers = [(net.get_submodule(path), layer_moments) for path, layer_moments in per_layer.items()]
+    try:
+        for layer, layer_moments in layers:
+            layer._moments = layer_moments
+        yield
+    finally:
+        for layer, _ in layers:
+            layer._moments = None

@@ -1,0 +1,218 @@
+"""BayesianNetwork: any ``nn.Module`` as a Pyro model with a prior on (some of) its parameters.
+
+The caller's module is never touched: the network is deep-copied, and every Bayesian parameter
+of the copy becomes a buffer holding its initial value (the guides start their means there).
+Each Bayesian parameter is a Pyro sample site named after its parameter path ("0.weight",
+"features.3.weight", ...); the likelihood observes the targets under
+``pyro.plate("data", dataset_size, subsample=...)`` so a minibatch of B is scaled by N / B.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import pyro
+import torch
+from torch import nn
+
+from .layers import (
+    LocalReparameterization,
+    enable_local_reparameterization,
+    local_reparameterization,
+    substituted_weights,
+)
+from .likelihoods import Categorical, Likelihood
+from .priors import Gaussian, Prior
+
+ParamFilter = Iterable[str] | Callable[[str, nn.Module, nn.Parameter], bool]
+
+_instance_counter = itertools.count()
+
+_LRT_LAYERS: dict[str, tuple[type, ...]] = {
+    "auto": (nn.Linear,),
+    "linear": (nn.Linear,),
+    "all": (nn.Linear, nn.modules.conv._ConvNd),
+    "none": (),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One Bayesian parameter: its path in the network, shape and owning layer."""
+
+    name: str
+    shape: torch.Size
+    module_path: str
+    attribute: str
+    local_reparameterization: bool
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def _default_is_bayesian(name: str, module: nn.Module, param: nn.Parameter) -> bool:
+    return name.rsplit(".", 1)[-1] == "weight" and isinstance(module, nn.Linear | nn.modules.conv._ConvNd)
+
+
+def _as_predicate(spec: ParamFilter | None) -> Callable[[str, nn.Module, nn.Parameter], bool] | None:
+    if spec is None or callable(spec):
+        return spec
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return lambda name, module, param: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class BayesianNetwork(nn.Module):
+    """A Pyro model p(y, w | x) = p(w) Π_i p(y_i | f(x_i; w)).
+
+    Args:
+        net: any ``nn.Module`` mapping a batch (B, ...) to outputs (B, C) (or (B,) / (B, 1) for
+            regression). It is copied, never modified.
+        prior: the weight prior (default ``priors.Gaussian(1.0)``).
+        likelihood: the observation model (default ``likelihoods.Categorical()``).
+        dataset_size: N, the number of training examples (scales minibatch likelihoods by N / B).
+        include: which parameters are Bayesian: glob patterns on parameter paths (``"*.weight"``,
+            ``"*"``) or a predicate ``f(path, module, parameter) -> bool``. Default: the weights of
+            Linear and Conv layers; biases, BatchNorm and everything else stay deterministic.
+        exclude: patterns or predicate removing parameters from the Bayesian set.
+        name: the prefix of this model's deterministic parameters in Pyro's param store
+            (default: unique per instance, so several models can live side by side).
+        local_reparameterization: which layers the fused training objective samples
+            pre-activations for (per example) instead of weights (once per batch): "all" (Linear
+            and Conv), "linear", or "none". "auto" (default) = "linear": a convolution's second
+            (variance) product costs as much as the layer itself, while drawing its few weights is
+            cheap (benchmarks/step_time.py). The Pyro model itself always samples weights.
+
+    Calling the model, ``model(x, y=None)``, runs it as a Pyro model: x (B, ...), y (B,).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        prior: Prior | None = None,
+        likelihood: Likelihood | None = None,
+        dataset_size: int | None = None,
+        include: ParamFilter | None = None,
+        exclude: ParamFilter | None = None,
+        name: str | None = None,
+        local_reparameterization: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if prior is not None and not isinstance(prior, Prior):
+            raise ValueError(f"prior must be a pyro_sparse.priors.Prior, got {type(prior).__name__}")
+        if likelihood is not None and not isinstance(likelihood, Likelihood):
+            raise ValueError(
+                f"likelihood must be a pyro_sparse.likelihoods.Likelihood, got {type(likelihood).__name__}"
+            )
+        if dataset_size is None or int(dataset_size) != dataset_size or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        self.net = copy.deepcopy(net)
+        self.prior = prior if prior is not None else Gaussian(1.0)
+        self.likelihood = likelihood if likelihood is not None else Categorical()
+        self.dataset_size = int(dataset_size)
+        self.pyro_name = name if name is not None else f"BayesianNetwork{next(_instance_counter)}"
+        if local_reparameterization not in _LRT_LAYERS:
+            raise ValueError(
+                f"local_reparameterization must be one of {sorted(_LRT_LAYERS)}, got {local_reparameterization!r}"
+            )
+        self.sites: dict[str, Site] = self._make_bayesian(
+            _as_predicate(include), _as_predicate(exclude), _LRT_LAYERS[local_reparameterization]
+        )
+        if not self.sites:
+            raise ValueError("no Bayesian parameters: include/exclude selected none of the network's parameters")
+
+    def _make_bayesian(self, include, exclude, lrt_layers: tuple[type, ...]) -> dict[str, Site]:
+        is_bayesian = include or _default_is_bayesian
+        modules = dict(self.net.named_modules())
+        chosen = []
+        for path, param in self.net.named_parameters():
+            module_path, _, attribute = path.rpartition(".")
+            module = modules[module_path]
+            if is_bayesian(path, module, param) and not (exclude and exclude(path, module, param)):
+                chosen.append((path, module_path, attribute, module))
+        by_module: dict[str, set[str]] = {}
+        for _, module_path, attribute, _ in chosen:
+            by_module.setdefault(module_path, set()).add(attribute)
+        sites = {}
+        for path, module_path, attribute, module in chosen:
+            value = module._parameters.pop(attribute).detach().clone()
+            module.register_buffer(attribute, value)
+            lrt = (
+                "weight" in by_module[module_path]
+                and isinstance(module, lrt_layers)
+                and enable_local_reparameterization(module)
+            )
+            sites[path] = Site(path, value.shape, module_path, attribute, lrt)
+        return sites
+
+    # ----------------------------------------------------------------------------------------
+    # Deterministic computation
+    # ----------------------------------------------------------------------------------------
+    def initial_value(self, name: str) -> torch.Tensor:
+        """The network's own initial value of Bayesian parameter ``name``."""
+        return self.net.get_buffer(name)
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The network's output for ``x`` (B, ...) with the given Bayesian parameters.
+
+        Args:
+            weights: values for Bayesian parameters (shared by the whole batch).
+            moments: (mean, variance) of parameters of layers with local reparameterization:
+                those layers sample their pre-activations N(x·μ, x²·σ²) per example.
+        """
+        layers = {name: (self.net.get_submodule(s.module_path), s.attribute) for name, s in self.sites.items()}
+        with local_reparameterization(self.net, self.sites, moments or {}), substituted_weights(layers, weights or {}):
+            return self.net(x)
+
+    @property
+    def num_weights(self) -> int:
+        """Number of Bayesian weights."""
+        return sum(site.numel for site in self.sites.values())
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Raise ValueError when the network cannot take ``x`` or the likelihood cannot observe ``y``."""
+        if x.numel() == 0 or x.shape[0] == 0:
+            raise ValueError("dataset is empty")
+        if not torch.isfinite(x).all():
+            raise ValueError("inputs contain NaN or inf")
+        probe = x[:1].to(next(iter(self.net.buffers())).device)
+        try:
+            with torch.no_grad():
+                output = self.net(probe)
+        except RuntimeError as error:
+            first_line = str(error).splitlines()[0]
+            raise ValueError(
+                f"wrong input shape: the network cannot take examples of shape {tuple(x.shape[1:])} "
+                f"({first_line})"
+            ) from None
+        if y is not None:
+            if len(y) != len(x):
+                raise ValueError(f"inputs and targets differ in length: {len(x)} and {len(y)}")
+            self.likelihood.check_targets(y, output.shape[-1] if output.dim() > 1 else 1)
+
+    # ----------------------------------------------------------------------------------------
+    # The Pyro model
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Pyro model: samples every Bayesian parameter, then observes y (B,) given x (B, ...)."""
+        pyro.module(self.pyro_name, self)
+        weights = {name: pyro.sample(name, self.prior.distribution(site.shape)) for name, site in self.sites.items()}
+        output = self.apply(x, weights)
+        batch = torch.arange(x.shape[0], device=x.device)
+        with pyro.plate("data", self.dataset_size, subsample=batch):
+            pyro.deterministic("output", output, event_dim=output.dim() - 1)
+            return self.likelihood.observe(output, y)
+
+
+__all__ = ["BayesianNetwork", "LocalReparameterization", "Site"]

@@ -1,0 +1,50 @@
+"""PNG plots written by the CLI: training curves and reliability diagrams (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def training_curve(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
+    """Loss (−ELBO per example), NLL per example and KL (nats) against epoch."""
+    epochs = [record["epoch"] for record in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(epochs, [r["loss"] for r in history], label="−ELBO / N")
+    left.plot(epochs, [r["nll"] for r in history], label="NLL / N")
+    left.set_xlabel("epoch")
+    left.set_ylabel("nats per example")
+    left.legend()
+    right.plot(epochs, [r["kl"] for r in history], color="tab:red")
+    right.set_xlabel("epoch")
+    right.set_ylabel("KL(q ‖ p) (nats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy against confidence per bin (``metrics.reliability`` output), with the diagonal."""
+    edges = bins["edges"].tolist()
+    centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    width = edges[1] - edges[0]
+    filled = bins["count"] > 0
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.bar([c for c, f in zip(centers, filled, strict=True) if f], bins["accuracy"][filled].tolist(),
+           width=width, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,124 @@
+"""The command line: train / evaluate / demo, the metrics.json contract, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyro_sparse import cli
+
+REQUIRED_KEYS = {
+    "method", "net", "data", "epochs", "seed", "accuracy", "nll", "ece", "brier", "sparsity", "active_weights",
+    "total_weights", "train_flops", "inference_flops", "train_seconds",
+}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pyro_sparse.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "spike-slab"])
+def test_train_vi_on_digits_meets_the_acceptance_figures(tmp_path, prior):
+    out = tmp_path / prior
+    result = run_cli("train", "--method", "vi", "--net", "mlp", "--data", "digits", "--epochs", "30",
+                     "--prior", prior, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= REQUIRED_KEYS
+    assert metrics["accuracy"] >= 0.95, metrics
+    assert metrics["ece"] <= 0.05, metrics
+    assert metrics["prior"] == prior and metrics["kl_weight"] == 1.0 and metrics["warmup_epochs"] == 0
+    assert metrics["sparsity"] == 0.0 and metrics["active_weights"] == metrics["total_weights"] == 7400
+    assert metrics["inference_flops"] == 7400
+    assert metrics["train_flops"] == 3 * 7400 * 2 * 1347 * 30  # fwd+bwd (3x), LRT variance product (2x)
+    assert json.loads(result.stdout) == metrics
+    with open(out / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 30 and {"epoch", "loss", "nll", "kl"} <= set(rows[0])
+    for name in ("checkpoint.pt", "training_curve.png", "reliability.png"):
+        assert (out / name).stat().st_size > 0
+
+    evaluated = run_cli("evaluate", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads(evaluated.stdout)
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"], abs=0.02)
+
+
+def test_resume_continues_a_run(tmp_path, capsys):
+    common = ["train", "--epochs", "2", "--out", str(tmp_path), "--samples", "4"]
+    assert cli.main(common) == 0
+    assert cli.main(common) == 2  # refuses to overwrite
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(["train", "--epochs", "4", "--out", str(tmp_path), "--samples", "4", "--resume"]) == 0
+    with open(tmp_path / "history.csv") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2", "3", "4"]
+    capsys.readouterr()
+    assert cli.main(["train", "--epochs", "5", "--out", str(tmp_path), "--prior", "spike-slab", "--resume"]) == 2
+    assert "trained with different prior" in capsys.readouterr().err
+
+
+def test_regression_run_writes_regression_metrics(tmp_path, capsys):
+    assert cli.main(["train", "--data", "toy-regression", "--epochs", "5", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"rmse", "coverage_95", "nll"} <= set(metrics)
+    assert not (tmp_path / "reliability.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--net", "transformer"], "unknown net 'transformer'"),
+        (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--method", "mcmc"], "method 'mcmc' is not available"),
+        (["--prior", "horseshoe"], "argument --prior: invalid choice"),
+        (["--prior-scale", "0"], "argument --prior-scale: must be a number > 0"),
+        (["--prior-scale", "-2"], "argument --prior-scale: must be a number > 0"),
+        (["--spike-scale", "0"], "argument --spike-scale: must be a number > 0"),
+        (["--prior", "spike-slab", "--spike-scale", "2"], "spike_scale must be smaller than slab_scale"),
+        (["--inclusion", "1.2"], r"argument --inclusion: must lie in \(0, 1\)"),
+        (["--inclusion", "0"], r"argument --inclusion: must lie in \(0, 1\)"),
+        (["--epochs", "0"], "argument --epochs: must be a positive integer"),
+        (["--batch-size", "x"], "argument --batch-size: invalid"),
+        (["--lr", "nan"], "argument --lr: must be a number > 0"),
+        (["--sparsity", "1.0"], r"argument --sparsity: must lie in \[0, 1\)"),
+        (["--sparsity", "0.5"], "--sparsity does not apply to --method vi"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--data", "mnist", "--data-root", "/nonexistent"], "mnist files not found"),
+        (["--net", "lenet5"], "too small for lenet5"),
+    ],
+)
+def test_bad_train_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyro-sparse: error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
+    for args in (["train", "--net", "nope", "--out", str(tmp_path)], ["evaluate", str(tmp_path / "missing")], []):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_evaluate_needs_a_run_folder(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    assert "no checkpoint.pt in" in capsys.readouterr().err
+
+
+def test_demo_prints_a_results_table(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "prior" in printed and "accuracy" in printed and "gaussian" in printed and "spike-slab" in printed
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["gaussian", "spike-slab"]

@@ -1,0 +1,162 @@
+"""fit(): accuracy and calibration on digits, callbacks, warm-up, exact resume, bad input."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+import pyro_sparse as ps
+from pyro_sparse import checkpoint
+
+
+def digits_model(digits, prior=None, **kwargs):
+    return ps.BayesianNetwork(ps.nets.mlp(64, (100,), 10), prior=prior, dataset_size=len(digits.train), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "prior", [ps.priors.Gaussian(1.0), ps.priors.SpikeAndSlab(1.0, 0.01, 0.5)], ids=["gaussian", "spike-slab"]
+)
+def test_default_fit_is_accurate_and_calibrated_on_digits(digits, prior):
+    model = digits_model(digits, prior)
+    guide = ps.MeanField(model)
+    history = ps.fit(model, guide, digits.train, epochs=30, seed=0)
+    assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    assert set(history[0]) >= {"epoch", "loss", "nll", "kl", "kl_factor", "seconds"}
+    results = ps.evaluate(model, guide, digits.test, num_samples=32)
+    assert results["accuracy"] >= 0.95
+    assert results["ece"] <= 0.05
+    assert results["mean_sample_accuracy"] >= 0.9
+    assert results["sparsity"] == 0.0 and results["active_weights"] == results["total_weights"] == 7400
+
+
+def test_callbacks_see_every_step_and_warmup_ramps_the_kl_weight(digits):
+    model = digits_model(digits)
+    guide = ps.MeanField(model)
+    seen_steps, epoch_ends, betas = [], [], []
+
+    class Recorder:
+        def on_step_end(self, state):
+            seen_steps.append(state.global_step)
+            assert state.terms.loss.requires_grad and state.batch[0].shape[1:] == (1, 8, 8)
+
+        def on_epoch_end(self, state):
+            state.record["custom"] = state.epoch * 10
+
+    history = ps.fit(model, guide, digits.train, epochs=3, batch_size=500, warmup_epochs=2,
+                     callbacks=[Recorder(), lambda state: epoch_ends.append(state.epoch)], seed=0)
+    betas = history.column("kl_factor")
+    assert seen_steps == list(range(9))  # 1347 examples / 500 = 3 steps per epoch
+    assert epoch_ends == [0, 1, 2]
+    assert history.column("custom") == [0, 10, 20]
+    assert betas[0] < betas[1] < betas[2] == 1.0
+
+
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    def run(epochs, path, resume):
+        torch.manual_seed(0)
+        model = digits_model(digits, name="resume-model")
+        guide = ps.MeanField(model, name="resume-guide")
+        history = ps.fit(model, guide, digits.train, epochs=epochs, batch_size=128, seed=3, checkpoint=path,
+                         resume=resume)
+        return model, guide, history
+
+    model_a, guide_a, history_a = run(4, tmp_path / "a.pt", resume=False)
+    run(2, tmp_path / "b.pt", resume=False)  # "interrupted" after 2 epochs
+    saved = checkpoint.load(tmp_path / "b.pt")
+    assert saved["epoch"] == 2
+    model_b, guide_b, history_b = run(4, tmp_path / "b.pt", resume=True)
+    for (name, a), b in zip(guide_a.state_dict().items(), guide_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in history_a] == [r["loss"] for r in history_b]
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = tmp_path / "state.pt"
+    checkpoint.save({"value": torch.arange(3)}, path)
+
+    class Exploding:
+        def __reduce__(self):
+            raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        checkpoint.save({"value": Exploding()}, path)
+    assert torch.equal(checkpoint.load(path)["value"], torch.arange(3))  # the last good file survives
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_two_models_of_the_same_architecture_train_side_by_side(digits):
+    """Separate parameters, no param-store collisions, also through pyro.infer.SVI."""
+    x, y = digits.train.tensors
+    pairs = [(model, ps.MeanField(model)) for model in (digits_model(digits), digits_model(digits))]
+    for model, guide in pairs:
+        ps.fit(model, guide, digits.train, epochs=2, seed=0)
+    (model_a, guide_a), (model_b, guide_b) = pairs
+    assert model_a.pyro_name != model_b.pyro_name and guide_a.pyro_name != guide_b.pyro_name
+    assert not torch.equal(guide_a.site("1.weight").loc, guide_b.site("1.weight").loc)
+
+    optim = pyro.optim.Adam({"lr": 1e-3})
+    svis = [pyro.infer.SVI(m, g, optim, pyro.infer.TraceMeanField_ELBO()) for m, g in pairs]
+    for svi in svis:
+        svi.step(x[:64], y[:64])
+    store = pyro.get_param_store()
+    for model, guide in pairs:
+        loc = store[f"{guide.pyro_name}$$$sites.1__weight.loc"]
+        assert loc is guide.site("1.weight").loc  # the store holds each guide's own tensors
+        assert store[f"{model.pyro_name}$$$net.1.bias"] is model.net.get_parameter("1.bias")
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, match",
+    [
+        ("labels", {}, r"labels must lie in \[0, 10\); found 10"),
+        ("nan", {}, "inputs contain NaN or inf"),
+        ("inf", {}, "inputs contain NaN or inf"),
+        ("shape", {}, "wrong input shape"),
+        ("empty", {}, "dataset is empty"),
+        ("ok", {"epochs": 0}, "epochs must be an integer > 0"),
+        ("ok", {"batch_size": -4}, "batch_size must be an integer > 0"),
+        ("ok", {"lr": 0.0}, "lr must be a number > 0"),
+        ("ok", {"kl_weight": -1.0}, "kl_weight must be a number >= 0"),
+        ("ok", {"resume": True}, "resume=True needs a checkpoint path"),
+    ],
+)
+def test_bad_input_to_fit_gives_one_clear_error(digits, data, kwargs, match):
+    x, y = digits.train.tensors
+    x, y = x[:100].clone(), y[:100].clone()
+    if data == "labels":
+        y[3] = 10
+    elif data == "nan":
+        x[5, 0, 2, 2] = float("nan")
+    elif data == "inf":
+        x[5, 0, 2, 2] = float("-inf")
+    elif data == "shape":
+        x = torch.rand(100, 1, 7, 7)
+    elif data == "empty":
+        x, y = x[:0], y[:0]
+    model = digits_model(digits)
+    guide = ps.MeanField(model)
+    with pytest.raises(ValueError, match=match):
+        ps.fit(model, guide, (x, y), **kwargs)
+
+
+def test_regression_fit_learns_the_noise_and_reports_regression_metrics():
+    data = ps.data.load("toy-regression")
+    model = ps.BayesianNetwork(ps.nets.mlp(1, (50, 50), 1), likelihood=ps.likelihoods.Gaussian(0.5, learn_scale=True),
+                               dataset_size=len(data.train))
+    guide = ps.MeanField(model)
+    ps.fit(model, guide, data.train, epochs=300, batch_size=32, lr=1e-2, seed=0)
+    x, y = data.test.tensors
+    inside = (x.abs().squeeze() > 1.5) & (x.abs().squeeze() < 4)
+    results = ps.evaluate(model, guide, (x[inside], y[inside]), num_samples=64)
+    assert set(results) >= {"rmse", "nll", "coverage_95", "predictive_std"}
+    assert results["rmse"] < 0.25
+    assert 0.8 <= results["coverage_95"] <= 1.0
+    assert 0.05 < model.likelihood.scale.item() < 0.25
+    spread = ps.Posterior.from_guide(model, guide).predict(x, 64).squeeze(-1).std(0)
+    far = x.abs().squeeze() > 5
+    assert spread[far].mean() > 3 * spread[inside].mean()  # epistemic uncertainty grows away from the data
