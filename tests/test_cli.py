@@ -122,3 +122,34 @@ def test_demo_prints_a_results_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "prior" in printed and "accuracy" in printed and "gaussian" in printed and "spike-slab" in printed
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["gaussian", "spike-slab"]
+
+
+def _write_idx(path: Path, array) -> None:
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = np.array([0x0800 + array.ndim, *array.shape], dtype=">u4").tobytes()
+    path.write_bytes(header + array.tobytes())
+
+
+@pytest.mark.parametrize(
+    "labels, images, message",
+    [
+        ([0, 1, 12, 3], 4, r"labels must lie in \[0, 10\); found 12"),
+        ([], 0, "dataset is empty"),
+    ],
+    ids=["label-outside-range", "empty-dataset"],
+)
+def test_bad_data_files_exit_2_with_one_line(tmp_path, capsys, labels, images, message):
+    import numpy as np
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((images, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array(labels))
+    args = ["train", "--data", "mnist", "--data-root", str(tmp_path / "data"), "--net", "lenet5",
+            "--out", str(tmp_path / "run"), "--epochs", "1"]
+    assert cli.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
