@@ -11,19 +11,31 @@ same number of epochs at batch 128. Reports accuracy, NLL, ECE, Brier, the VI's 
 accuracy and the training seconds of each, plus the accuracy gap (VI − det, in points) and the ECE
 difference (VI − det), and checks the target: VI accuracy within 1 point of det, with lower ECE.
 
-VI learning rate: 3e-3 (default ``--vi-lr``), chosen by a short check on a validation split
-(3 epochs on 50,000 training examples, scored with 16 samples on the other 10,000 training
-examples, seed 0, init_scale 1e-3): lr 1e-3 gave 87.20 % accuracy, NLL 0.342, ECE 0.010; lr 3e-3
-gave 88.94 %, NLL 0.297, ECE 0.013. Adam moves ρ (σ = softplus(ρ)) by about lr per step, so at
-1e-3 the σ barely leave their initial 1e-3 within the run (median σ 0.003 after 3 epochs, vs 0.033
-at 3e-3): the posterior stays nearly a point mass and learns more slowly. 3e-3 won on accuracy
-and NLL; the test split was not used for the choice.
+VI learning rate: 1e-3 (default ``--vi-lr``), chosen on a validation split, never the test split:
+ps.fit on 50,000 training examples, scored (16 samples) on the other 10,000, seed 0, init_scale
+1e-3. The deterministic net there (10 epochs): 90.17 %, NLL 0.268, ECE 0.0149.
+
+    VI lr  epochs  val acc  NLL    ECE     final KL (nats)  median σ
+    1e-3   3       87.20 %  0.342  0.0100  3.3e5            0.003
+    3e-3   3       88.94 %  0.297  0.0130  2.2e5            0.033
+    1e-3   10      89.30 %  0.286  0.0081  1.75e5           0.047
+    2e-3   10      89.32 %  0.300  0.0294  4.6e4            0.46
+    3e-3   10      88.25 %  0.310  0.0101  2.4e4            0.80
+
+The 3-epoch check favours 3e-3, but over the real 10 epochs 1e-3 is best on accuracy, NLL and
+ECE. Why: Adam moves ρ (σ = softplus(ρ)) by about lr per step, so the KL term needs roughly
+4,000 steps at 1e-3 to grow σ from 1e-3 to ~0.05, and many more to reach the ELBO's optimum,
+where most σ approach the prior's 1.0 (3e-3 gets there within 10 epochs: training NLL rises from
+0.29 to 0.34 while the KL falls, and accuracy drops). So the 1e-3 result is a mean-field posterior
+that has NOT converged (σ still ≈ 0.05 everywhere, its ELBO far worse than at 3e-3); it is what
+dense VI gives in this epoch budget, not the ELBO optimum. init_scale 1e-2 (lr 1e-3: 89.22 %, ECE
+0.030; lr 3e-3: 88.63 %, ECE 0.020) and 5e-2 (lr 3e-3: 87.88 %, ECE 0.008) did not do better.
 
 Timings share the machine with other work and are indicative only; a few untimed warm-up steps
 on a throwaway network run first so that neither method pays the one-off kernel set-up.
 
     .venv/bin/python benchmarks/fashion_vi.py [--epochs 10] [--seed 0] [--data-root ../shared/data]
-        [--vi-lr 3e-3] [--init-scale 1e-3] [--train-limit N] [--out benchmarks/results/fashion_vi.json]
+        [--vi-lr 1e-3] [--init-scale 1e-3] [--train-limit N] [--out benchmarks/results/fashion_vi.json]
 """
 
 from __future__ import annotations
@@ -106,7 +118,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default="../shared/data",
                         help="data folder; a relative path is taken from the repository root")
-    parser.add_argument("--vi-lr", type=float, default=3e-3, help="Adam learning rate of the VI fit")
+    parser.add_argument("--vi-lr", type=float, default=1e-3, help="Adam learning rate of the VI fit")
     parser.add_argument("--init-scale", type=float, default=1e-3, help="initial σ of the MeanField guide")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="train on a random subset of this size (quick checks)")

@@ -1,7 +1,9 @@
 """Milliseconds per training step, side by side in one run (batch 128, CPU by default):
 
 (a) plain PyTorch: the deterministic network, cross-entropy, Adam;
-(b) pyro-sparse: the MeanField guide's fused ELBO step (closed-form KL, local reparameterization);
+(b) pyro-sparse: the MeanField guide's fused ELBO step (closed-form KL, local reparameterization
+    for Linear layers, the default);
+(b') the same with one weight draw per batch in every layer (``local_reparameterization="none"``);
 (c) Pyro: the same BayesianNetwork with ``SVI(model, AutoNormal(model), Adam, TraceMeanField_ELBO())``.
 
 Steps of the three are interleaved in rounds so machine noise hits them alike; the median over
@@ -65,6 +67,10 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
     model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size).to(device)
     guide = ps.MeanField(model).to(device)
     ours_opt = make_adam([*guide.parameters(), *model.parameters()], 1e-3)
+    draws_model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size, local_reparameterization="none")
+    draws_model.to(device)
+    draws_guide = ps.MeanField(draws_model).to(device)
+    draws_opt = make_adam([*draws_guide.parameters(), *draws_model.parameters()], 1e-3)
 
     pyro.clear_param_store()
     pyro_model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size).to(device)
@@ -73,6 +79,7 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
     runs = {
         "plain_ms": lambda: plain_step(net, plain_opt, x, y),
         "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
+        "ours_weight_draws_ms": lambda: ours_step(draws_model, draws_guide, draws_opt, x, y),
         "pyro_svi_ms": lambda: svi.step(x, y),
     }
     for fn in runs.values():  # warm-up
@@ -85,6 +92,8 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
     result = {key: statistics.median(values) for key, values in times.items()}
     result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
     result["pyro_over_ours"] = result["pyro_svi_ms"] / result["ours_ms"]
+    result["weight_draws_over_plain"] = result["ours_weight_draws_ms"] / result["plain_ms"]
+    result["pyro_over_plain"] = result["pyro_svi_ms"] / result["plain_ms"]
     return result
 
 
@@ -98,12 +107,14 @@ def main() -> None:
     device = torch.device(args.device)
 
     results = {name: benchmark(name, args.steps, args.batch_size, device) for name in NETS}
-    header = f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(c) Pyro SVI':>13} {'(b)/(a)':>8} {'(c)/(b)':>8}"
+    header = (f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(b´) draws':>11} {'(c) Pyro SVI':>13} "
+              f"{'(b)/(a)':>8} {'(b´)/(a)':>9} {'(c)/(b)':>8} {'(c)/(a)':>8}")
     print(f"ms per training step, batch {args.batch_size}, {device}, median of {args.steps} interleaved rounds")
     print(header)
     for name, r in results.items():
-        print(f"{name:<20} {r['plain_ms']:>10.2f} {r['ours_ms']:>10.2f} {r['pyro_svi_ms']:>13.2f} "
-              f"{r['ours_over_plain']:>8.2f} {r['pyro_over_ours']:>8.2f}")
+        print(f"{name:<20} {r['plain_ms']:>10.2f} {r['ours_ms']:>10.2f} {r['ours_weight_draws_ms']:>11.2f} "
+              f"{r['pyro_svi_ms']:>13.2f} {r['ours_over_plain']:>8.2f} {r['weight_draws_over_plain']:>9.2f} "
+              f"{r['pyro_over_ours']:>8.2f} {r['pyro_over_plain']:>8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch_size": args.batch_size, "device": str(device), "steps": args.steps,

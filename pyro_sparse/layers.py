@@ -44,7 +44,7 @@ class LocalReparameterization:
         bias_loc, bias_var = moments.get("bias", (self.bias, None))
         mean = self._product(x, weight_loc, bias_loc)
         var = self._product(x * x, weight_var, bias_var)
-        return torch.addcmul(mean, var.clamp_min(_VARIANCE_FLOOR).sqrt(), torch.randn_like(mean))
+        return torch.addcmul(mean, (var + _VARIANCE_FLOOR).sqrt(), torch.randn_like(mean))
 
 
 _subclasses: dict[type, type] = {}
@@ -86,27 +86,25 @@ def substituted_weights(
 
 @contextlib.contextmanager
 def local_reparameterization(
-    net: nn.Module, sites: Mapping, moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    layers: Mapping[str, tuple[nn.Module, str]], moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> Iterator[None]:
-    """Within the block, layers of ``net`` whose sites have moments sample their pre-activations.
+    """Within the block, the layers of the named sites sample their pre-activations.
 
     Args:
-        net: the network holding the layers.
-        sites: ``BayesianNetwork.sites`` (name -> Site).
+        layers: site name -> (layer, attribute), e.g. "0.weight" -> (Linear, "weight").
         moments: site name -> (mean, variance) tensors of the site's shape.
     """
     if not moments:
         yield
         return
-    per_layer: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    per_layer: dict[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, value in moments.items():
-        site = sites[name]
-        per_layer.setdefault(site.module_path, {})[site.attribute] = value
-    layers = [(net.get_submodule(path), layer_moments) for path, layer_moments in per_layer.items()]
+        layer, attribute = layers[name]
+        per_layer.setdefault(layer, {})[attribute] = value
     try:
-        for layer, layer_moments in layers:
+        for layer, layer_moments in per_layer.items():
             layer._moments = layer_moments
         yield
     finally:
-        for layer, _ in layers:
+        for layer in per_layer:
             layer._moments = None

@@ -126,6 +126,9 @@ class BayesianNetwork(nn.Module):
         )
         if not self.sites:
             raise ValueError("no Bayesian parameters: include/exclude selected none of the network's parameters")
+        self._site_layers = {
+            name: (self.net.get_submodule(site.module_path), site.attribute) for name, site in self.sites.items()
+        }
 
     def _make_bayesian(self, include, exclude, lrt_layers: tuple[type, ...]) -> dict[str, Site]:
         is_bayesian = include or _default_is_bayesian
@@ -171,8 +174,8 @@ class BayesianNetwork(nn.Module):
             moments: (mean, variance) of parameters of layers with local reparameterization:
                 those layers sample their pre-activations N(x·μ, x²·σ²) per example.
         """
-        layers = {name: (self.net.get_submodule(s.module_path), s.attribute) for name, s in self.sites.items()}
-        with local_reparameterization(self.net, self.sites, moments or {}), substituted_weights(layers, weights or {}):
+        layers = self._site_layers
+        with local_reparameterization(layers, moments or {}), substituted_weights(layers, weights or {}):
             return self.net(x)
 
     @property
