@@ -113,8 +113,8 @@ def _report(model: BayesianNetwork, guide: MeanField, dataset: datasets.Dataset,
     if model.likelihood.task == "classification":
         x_test, y_test = datasets.as_tensors(dataset.test)
         probs = Posterior.from_guide(model, guide).predict_proba(x_test, num_samples=config["samples"])
-        plots.reliability_diagram(metrics.reliability(probs, y_test), out / "reliability.png",
-                                  title=f"{config['method']} {config['net']} {config['data']}")
+        title = f"{config['method']} {config['net']} {config['data']}: ECE {results['ece']:.3f}"
+        plots.reliability_diagram(metrics.reliability(probs, y_test), out / "reliability.png", title=title)
     return record
 
 
@@ -175,11 +175,9 @@ def demo(out: str, epochs: int) -> list[dict[str, Any]]:
     """The main job on the embedded digits data: dense mean-field VI with each prior; prints a table."""
     rows = []
     for prior in ("gaussian", "spike-slab"):
-        config = default_config(method="vi", net="mlp", data="digits", epochs=epochs, prior=prior,
-                                out=str(Path(out) / prior), resume=Path(out, prior, CHECKPOINT).is_file())
-        if config["resume"]:
-            Path(out, prior, CHECKPOINT).unlink()
-            config["resume"] = False
+        run = Path(out) / prior
+        (run / CHECKPOINT).unlink(missing_ok=True)  # the demo always trains afresh
+        config = default_config(method="vi", net="mlp", data="digits", epochs=epochs, prior=prior, out=str(run))
         print(f"training {config['method']} {config['net']} on {config['data']} with the {prior} prior ...",
               flush=True)
         rows.append(train(config))
