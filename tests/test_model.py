@@ -152,3 +152,19 @@ def test_check_batch_names_the_problem():
         model.check_batch(torch.rand(4, 1, 7, 7), y)
     with pytest.raises(ValueError, match="dataset is empty"):
         model.check_batch(torch.rand(0, 1, 8, 8), y[:0])
+
+
+def test_local_reparameterization_with_a_bayesian_bias():
+    """With include="*" a Linear layer's bias is Bayesian too: N(x·μ + μ_b, x²·σ² + σ_b²)."""
+    layer = nn.Linear(5, 2)
+    model = ps.BayesianNetwork(layer, dataset_size=10, include="*", likelihood=ps.likelihoods.Gaussian(1.0))
+    assert set(model.sites) == {"weight", "bias"}
+    assert all(site.local_reparameterization for site in model.sites.values())
+    guide = ps.MeanField(model, init_scale=0.3)
+    x = torch.randn(3, 5)
+    moments, _ = guide.moments_and_kl(model.prior)
+    lrt = {name: (q.loc.detach(), q.var.detach()) for name, q in moments.items()}
+    draws = torch.stack([model.apply(x, moments=lrt) for _ in range(20000)])
+    (w_loc, w_var), (b_loc, b_var) = lrt["weight"], lrt["bias"]
+    assert torch.allclose(draws.mean(0), x @ w_loc.T + b_loc, atol=0.03)
+    assert torch.allclose(draws.var(0), (x * x) @ w_var.T + b_var, rtol=0.05)

@@ -67,11 +67,6 @@ class MeanFieldSite(nn.Module):
         mask = self.mask.to(self.loc.dtype)
         return self.loc * mask, scale * mask, self.mask
 
-    def masked_loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ·m, σ·m): the moments of q, exactly zero at masked weights."""
-        loc, scale, _ = self.variational()
-        return loc, scale
-
     def moments_and_kl(self, prior: Prior) -> tuple[SiteMoments, torch.Tensor]:
         """This site's moments and Σ KL(q ‖ p) over its active weights, for the training objective."""
         if type(prior) is Gaussian and self.is_dense():
@@ -154,7 +149,7 @@ class MeanField(nn.Module):
     # ----------------------------------------------------------------------------------------
     def moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Site name -> (μ, σ), both masked (zero where pruned)."""
-        return {name: site.masked_loc_scale() for name, site in self.named_sites()}
+        return {name: site.variational()[:2] for name, site in self.named_sites()}
 
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """One draw w ~ q for every site (differentiable; exactly zero where masked)."""
@@ -166,10 +161,6 @@ class MeanField(nn.Module):
     def mean_weights(self) -> dict[str, torch.Tensor]:
         """The posterior mean μ of every site (zero where masked)."""
         return {name: loc for name, (loc, _) in self.moments().items()}
-
-    def variational(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Site name -> (μ, σ, mask or None): see ``MeanFieldSite.variational``."""
-        return {name: site.variational() for name, site in self.named_sites()}
 
     def moments_and_kl(self, prior: Prior) -> tuple[dict[str, SiteMoments], torch.Tensor]:
         """Every site's moments and the total KL(q ‖ p) (nats), computed together (the hot path)."""
@@ -183,10 +174,10 @@ class MeanField(nn.Module):
         """Σ over active weights of KL(q(w_i) ‖ p(w_i)): a scalar (an upper bound for spike-and-slab)."""
         return self.moments_and_kl(prior)[1]
 
-    def distribution(self, name: str) -> MaskedNormal:
+    def distribution(self, name: str) -> pyro.distributions.TorchDistribution:
         """q of site ``name`` as a Pyro distribution with the weight's shape as event shape."""
         site = self.site(name)
-        loc, scale = site.masked_loc_scale()
+        loc, scale, _ = site.variational()
         return MaskedNormal(loc, scale, site.mask).to_event(loc.dim())
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
