@@ -12,7 +12,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
 import pyro_sparse as ps
-from pyro_sparse.guides.fused import SoftplusGaussianKL, inverse_softplus, softplus
+from pyro_sparse.guides.fused import SoftplusKL, inverse_softplus, softplus
 from pyro_sparse.infer.elbo import negative_elbo
 
 
@@ -44,17 +44,32 @@ def test_softplus_matches_torch_and_inverts():
         assert softplus(torch.tensor(inverse_softplus(value))).item() == pytest.approx(value, rel=2e-4)
 
 
-def test_fused_kernel_matches_autograd_reference():
-    loc = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize(
+    "prior", [ps.priors.Gaussian(0.8), ps.priors.SpikeAndSlab(1.0, 0.05, 0.3)], ids=["gaussian", "spike-slab"]
+)
+def test_fused_kernel_matches_autograd_reference(prior, masked):
+    prior = prior.double()
+    loc = (torch.randn(5, 7, dtype=torch.float64) * 0.3).requires_grad_()
     rho = (torch.randn(5, 7, dtype=torch.float64) - 2).requires_grad_()
-    prior_scale = torch.tensor(0.8, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda m, r: SoftplusGaussianKL.apply(m, r, prior_scale), (loc, rho))
+    mask = (torch.rand(5, 7) > 0.3).double() if masked else None
 
-    scale, var, kl = SoftplusGaussianKL.apply(loc, rho, prior_scale)
-    reference_scale = F.softplus(rho)
-    reference_kl = ps.priors.Gaussian(0.8).double().kl(loc, reference_scale).sum()
+    def fused(m, r):
+        return SoftplusKL.apply(m if mask is None else m * mask, r, mask, prior)
+
+    assert torch.autograd.gradcheck(fused, (loc, rho))
+
+    scale, var, kl = fused(loc, rho)
+    active = torch.ones_like(loc, dtype=torch.bool) if mask is None else mask.bool()
+    reference_scale = F.softplus(rho) * active
+    reference_kl = prior.kl(loc, F.softplus(rho))[active].sum()
     assert torch.allclose(scale, reference_scale) and torch.allclose(var, reference_scale**2)
     assert torch.allclose(kl, reference_kl)
+    weights = torch.randn_like(loc)
+    (fused_grads) = torch.autograd.grad((kl + (var * weights).sum()), (loc, rho))
+    reference = torch.autograd.grad(reference_kl + (reference_scale**2 * weights).sum(), (loc, rho))
+    for ours, theirs in zip(fused_grads, reference, strict=True):
+        assert torch.allclose(ours, theirs)
 
 
 def test_masked_weights_are_exactly_zero_everywhere():

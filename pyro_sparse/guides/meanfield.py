@@ -19,8 +19,8 @@ from torch import nn
 
 from ..distributions import MaskedNormal
 from ..model import BayesianNetwork, Site
-from ..priors import Gaussian, Prior
-from .fused import inverse_softplus, softplus, softplus_gaussian_kl
+from ..priors import Prior
+from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
 
@@ -69,9 +69,12 @@ class MeanFieldSite(nn.Module):
 
     def moments_and_kl(self, prior: Prior) -> tuple[SiteMoments, torch.Tensor]:
         """This site's moments and Σ KL(q ‖ p) over its active weights, for the training objective."""
-        if type(prior) is Gaussian and self.is_dense():
-            scale, var, kl = softplus_gaussian_kl(self.loc, self.rho, prior.scale)
-            return SiteMoments(self.loc, scale, var, None), kl
+        dense = self.is_dense()
+        if type(prior).second_moment_kl is not Prior.second_moment_kl:
+            mask = None if dense else self.mask.to(self.loc.dtype)
+            loc = self.loc if dense else self.loc * mask
+            scale, var, kl = softplus_kl(loc, self.rho, mask, prior)
+            return SiteMoments(loc, scale, var, None if dense else self.mask), kl
         loc, scale, mask = self.variational()
         return SiteMoments(loc, scale, scale * scale, mask), prior.total_kl(loc, scale, mask)
 
