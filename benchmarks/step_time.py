@@ -4,6 +4,7 @@
 (b) pyro-sparse: the MeanField guide's fused ELBO step (closed-form KL, local reparameterization
     for Linear layers, the default);
 (b') the same with one weight draw per batch in every layer (``local_reparameterization="none"``);
+(b'') (b) with the spike-and-slab prior instead of the Gaussian one;
 (c) Pyro: the same BayesianNetwork with ``SVI(model, AutoNormal(model), Adam, TraceMeanField_ELBO())``.
 
 Steps of the three are interleaved in rounds so machine noise hits them alike; the median over
@@ -71,6 +72,10 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
     draws_model.to(device)
     draws_guide = ps.MeanField(draws_model).to(device)
     draws_opt = make_adam([*draws_guide.parameters(), *draws_model.parameters()], 1e-3)
+    slab_model = ps.BayesianNetwork(NETS[name](), prior=ps.priors.SpikeAndSlab(1.0, 0.01, 0.5),
+                                    dataset_size=dataset_size).to(device)
+    slab_guide = ps.MeanField(slab_model).to(device)
+    slab_opt = make_adam([*slab_guide.parameters(), *slab_model.parameters()], 1e-3)
 
     pyro.clear_param_store()
     pyro_model = ps.BayesianNetwork(NETS[name](), dataset_size=dataset_size).to(device)
@@ -80,6 +85,7 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
         "plain_ms": lambda: plain_step(net, plain_opt, x, y),
         "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
         "ours_weight_draws_ms": lambda: ours_step(draws_model, draws_guide, draws_opt, x, y),
+        "ours_spike_slab_ms": lambda: ours_step(slab_model, slab_guide, slab_opt, x, y),
         "pyro_svi_ms": lambda: svi.step(x, y),
     }
     for fn in runs.values():  # warm-up
@@ -107,12 +113,14 @@ def main() -> None:
     device = torch.device(args.device)
 
     results = {name: benchmark(name, args.steps, args.batch_size, device) for name in NETS}
-    header = (f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(b´) draws':>11} {'(c) Pyro SVI':>13} "
+    header = (f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(b´) draws':>11} {'(b´´) s&s':>10} "
+              f"{'(c) Pyro SVI':>13} "
               f"{'(b)/(a)':>8} {'(b´)/(a)':>9} {'(c)/(b)':>8} {'(c)/(a)':>8}")
     print(f"ms per training step, batch {args.batch_size}, {device}, median of {args.steps} interleaved rounds")
     print(header)
     for name, r in results.items():
         print(f"{name:<20} {r['plain_ms']:>10.2f} {r['ours_ms']:>10.2f} {r['ours_weight_draws_ms']:>11.2f} "
+              f"{r['ours_spike_slab_ms']:>10.2f} "
               f"{r['pyro_svi_ms']:>13.2f} {r['ours_over_plain']:>8.2f} {r['weight_draws_over_plain']:>9.2f} "
               f"{r['pyro_over_ours']:>8.2f} {r['pyro_over_plain']:>8.2f}")
     out = Path(args.out)
