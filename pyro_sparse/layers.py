@@ -30,6 +30,12 @@ class LocalReparameterization:
     """Mixin for nn.Linear / nn.ConvNd subclasses; see the module docstring."""
 
     _moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _base_class: type
+
+    def __reduce_ex__(self, protocol):
+        # The subclass is made at run time, so pickle (torch.save of a whole model) rebuilds the
+        # layer from its original class instead of looking the subclass up by name.
+        return _rebuild, (self._base_class, self.__getstate__())
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self, nn.Linear):
@@ -58,9 +64,16 @@ def enable_local_reparameterization(layer: nn.Module) -> bool:
     if not issubclass(cls, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return False
     if cls not in _subclasses:
-        _subclasses[cls] = type(cls.__name__, (LocalReparameterization, cls), {"__module__": __name__})
+        _subclasses[cls] = type(cls.__name__, (LocalReparameterization, cls), {"_base_class": cls})
     layer.__class__ = _subclasses[cls]
     return True
+
+
+def _rebuild(base_class: type, state: dict) -> nn.Module:
+    layer = base_class.__new__(base_class)
+    layer.__setstate__(state)
+    enable_local_reparameterization(layer)
+    return layer
 
 
 @contextlib.contextmanager

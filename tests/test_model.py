@@ -168,3 +168,20 @@ def test_local_reparameterization_with_a_bayesian_bias():
     (w_loc, w_var), (b_loc, b_var) = lrt["weight"], lrt["bias"]
     assert torch.allclose(draws.mean(0), x @ w_loc.T + b_loc, atol=0.03)
     assert torch.allclose(draws.var(0), (x * x) @ w_var.T + b_var, rtol=0.05)
+
+
+def test_a_whole_model_survives_torch_save_and_deepcopy(tmp_path):
+    import copy
+
+    model = ps.BayesianNetwork(ps.nets.lenet5(), dataset_size=100, local_reparameterization="all")
+    torch.save(model, tmp_path / "model.pt")
+    for restored in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert set(restored.sites) == set(model.sites)
+        for name, (layer, _) in restored._site_layers.items():
+            assert layer is restored.net.get_submodule(model.sites[name].module_path)
+            assert type(layer) is type(model._site_layers[name][0])
+        x = torch.randn(2, 1, 28, 28)
+        assert torch.allclose(restored.apply(x), model.apply(x))
+        guide = ps.MeanField(restored)
+        moments, _ = guide.moments_and_kl(restored.prior)
+        assert restored.apply(x, moments={n: (q.loc, q.var) for n, q in moments.items()}).shape == (2, 10)
