@@ -123,7 +123,9 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x, y)`` tensors from a ``TensorDataset``, an ``(x, y)`` tuple/list or a :class:`Dataset`.
 
     A :class:`Dataset` gives its train split. Arrays in a tuple/list are converted with
-    ``torch.as_tensor`` (no copy where possible).
+    ``torch.as_tensor`` (no copy where possible). Any other map-style ``torch.utils.data.Dataset``
+    whose items are ``(x, y)`` pairs (a torchvision dataset with ``ToTensor()``, say) is read once
+    and stacked into memory.
     """
     if isinstance(data, Dataset):
         data = data.train
@@ -136,7 +138,22 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
         if len(data) != 2:
             raise ValueError(f"expected an (x, y) pair; got a {type(data).__name__} of length {len(data)}")
         return torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return _stack_items(data)
     raise TypeError(f"expected a Dataset, TensorDataset or (x, y) pair; got {type(data).__name__}")
+
+
+def _stack_items(data: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(data) == 0:
+        raise ValueError("dataset is empty")
+    xs, ys = [], []
+    for index in range(len(data)):
+        item = data[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"expected dataset items to be (x, y) pairs; item {index} is {type(item).__name__}")
+        xs.append(torch.as_tensor(item[0]))
+        ys.append(torch.as_tensor(item[1]))
+    return torch.stack(xs), torch.stack(ys)
 
 
 def check_data(

@@ -289,3 +289,23 @@ def test_unknown_dataset_name() -> None:
     with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of: digits, mnist") as err:
         load("imagenet")
     assert all(name in str(err.value) for name in DATASETS)
+
+
+def test_as_tensors_reads_any_map_style_dataset_of_pairs() -> None:
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, index: int):
+            return torch.full((1, 2, 2), float(index)), index % 3
+
+    x, y = as_tensors(Pairs())
+    assert x.shape == (5, 1, 2, 2) and torch.equal(y, torch.tensor([0, 1, 2, 0, 1]))
+    assert torch.equal(x[3], torch.full((1, 2, 2), 3.0))
+
+    class Singles(Pairs):
+        def __getitem__(self, index: int):
+            return torch.zeros(3)
+
+    with pytest.raises(ValueError, match="expected dataset items to be \\(x, y\\) pairs"):
+        as_tensors(Singles())
