@@ -160,3 +160,22 @@ def test_regression_fit_learns_the_noise_and_reports_regression_metrics():
     spread = ps.Posterior.from_guide(model, guide).predict(x, 64).squeeze(-1).std(0)
     far = x.abs().squeeze() > 5
     assert spread[far].mean() > 3 * spread[inside].mean()  # epistemic uncertainty grows away from the data
+
+
+def test_cifar_shaped_training_path_with_batchnorm_resnet():
+    """CIFAR-10 itself is not available offline: run the same path on generated 3x32x32 tensors."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (96,), generator=generator)
+    x[y == 3, 0] += 2.0  # something to learn
+    net = ps.nets.resnet20()
+    model = ps.BayesianNetwork(net, dataset_size=96)
+    # 19 convolutions + 2 shortcut 1x1 convolutions + the classifier; BatchNorm stays deterministic
+    assert len(model.sites) == 22 and "fc.weight" in model.sites and "stem.0.weight" in model.sites
+    assert "stem.1.weight" in dict(model.net.named_parameters())
+    guide = ps.MeanField(model)
+    history = ps.fit(model, guide, (x, y), epochs=2, batch_size=32, seed=0)
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
+    results = ps.evaluate(model, guide, (x, y), num_samples=2)
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["total_weights"] == model.num_weights
+    assert results["inference_flops"] > 40_000_000  # resnet20 ≈ 41M multiply-adds per 32x32 image
