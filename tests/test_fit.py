@@ -179,3 +179,9 @@ def test_cifar_shaped_training_path_with_batchnorm_resnet():
     results = ps.evaluate(model, guide, (x, y), num_samples=2)
     assert 0.0 <= results["accuracy"] <= 1.0 and results["total_weights"] == model.num_weights
     assert results["inference_flops"] > 40_000_000  # resnet20 ≈ 41M multiply-adds per 32x32 image
+
+
+def test_fit_warns_when_the_data_size_differs_from_the_models(digits):
+    model = ps.BayesianNetwork(ps.nets.mlp(64, (8,), 10), dataset_size=100)
+    with pytest.warns(UserWarning, match="fit got 1347 training examples but model.dataset_size is 100"):
+        ps.fit(model, ps.MeanField(model), digits.train, epochs=1)

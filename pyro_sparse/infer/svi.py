@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,12 @@ def fit(
         raise ValueError("resume=True needs a checkpoint path")
     x, y = as_tensors(data)
     model.check_batch(x, y)
+    if len(x) != model.dataset_size:
+        warnings.warn(
+            f"fit got {len(x)} training examples but model.dataset_size is {model.dataset_size}: the "
+            f"likelihood of each batch of B is scaled by {model.dataset_size} / B",
+            stacklevel=2,
+        )
 
     device = torch.device(device) if device is not None else next(guide.parameters()).device
     model.to(device)
