@@ -25,7 +25,7 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors
-from .evaluation import evaluate, training_flops_per_example
+from .evaluation import evaluate, summarize, training_flops_per_example
 from .guides.meanfield import MeanField
 from .infer.svi import fit
 from .model import BayesianNetwork
@@ -97,7 +97,11 @@ def load_dataset(config: dict[str, Any]) -> datasets.Dataset:
 
 def _report(model: BayesianNetwork, guide: MeanField, dataset: datasets.Dataset, config: dict[str, Any],
             history: list[dict], out: Path) -> dict[str, Any]:
-    results = evaluate(model, guide, dataset.test, num_samples=config["samples"])
+    x_test, y_test = datasets.as_tensors(dataset.test)
+    model.check_batch(x_test, y_test)
+    posterior = Posterior.from_guide(model, guide)
+    outputs = posterior.predict(x_test, num_samples=config["samples"])  # one set of draws for metrics and plot
+    results = summarize(model, posterior, outputs, x_test, y_test)
     x_train, _ = datasets.as_tensors(dataset.train)
     per_example = training_flops_per_example(model, guide.active_counts(), x_train)
     record = {
@@ -111,8 +115,7 @@ def _report(model: BayesianNetwork, guide: MeanField, dataset: datasets.Dataset,
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     if model.likelihood.task == "classification":
-        x_test, y_test = datasets.as_tensors(dataset.test)
-        probs = Posterior.from_guide(model, guide).predict_proba(x_test, num_samples=config["samples"])
+        probs = outputs.softmax(-1).mean(0)
         title = f"{config['method']} {config['net']} {config['data']}: ECE {results['ece']:.3f}"
         plots.reliability_diagram(metrics.reliability(probs, y_test), out / "reliability.png", title=title)
     return record

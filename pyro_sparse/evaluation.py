@@ -44,6 +44,13 @@ def evaluate(
     model.check_batch(x, y)
     posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
     outputs = posterior.predict(x, num_samples=num_samples, batch_size=batch_size)
+    return summarize(model, posterior, outputs, x, y)
+
+
+def summarize(
+    model: BayesianNetwork, posterior: Posterior, outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Any]:
+    """``evaluate``'s dict from network outputs already drawn: outputs (S, N, ...) for x (N, ...), y (N,)."""
     if model.likelihood.task == "classification":
         results = metrics.classification_metrics(outputs.softmax(-1), y)
     else:
