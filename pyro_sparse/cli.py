@@ -25,13 +25,10 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors
-from .evaluation import evaluate, summarize, training_flops_per_example
-from .guides.meanfield import MeanField
-from .infer.svi import fit
+from .evaluation import evaluate, summarize
+from .infer.svi import History
 from .model import BayesianNetwork
-from .posterior import Posterior
-
-CHECKPOINT = "checkpoint.pt"
+from .recipes import CHECKPOINT, TrainedRun, recipe
 
 
 class UsageError(ValueError):
@@ -47,6 +44,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -95,23 +99,26 @@ def load_dataset(config: dict[str, Any]) -> datasets.Dataset:
     return dataset
 
 
-def _report(model: BayesianNetwork, guide: MeanField, dataset: datasets.Dataset, config: dict[str, Any],
-            history: list[dict], out: Path) -> dict[str, Any]:
+# Method-specific command-line options: the CLI rejects those the chosen method does not read.
+METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "update_every")
+
+
+def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, config: dict[str, Any],
+            out: Path) -> dict[str, Any]:
     x_test, y_test = datasets.as_tensors(dataset.test)
     model.check_batch(x_test, y_test)
-    posterior = Posterior.from_guide(model, guide)
-    outputs = posterior.predict(x_test, num_samples=config["samples"])  # one set of draws for metrics and plot
-    results = summarize(model, posterior, outputs, x_test, y_test)
-    x_train, _ = datasets.as_tensors(dataset.train)
-    per_example = training_flops_per_example(model, guide.active_counts(), x_train)
+    outputs = run.posterior.predict(x_test, num_samples=config["samples"])  # one set of draws: metrics and plot
+    results = summarize(model, run.posterior, outputs, x_test, y_test)
+    history = run.history
     record = {
         "method": config["method"], "net": config["net"], "data": config["data"], "epochs": config["epochs"],
         "seed": config["seed"], "prior": config["prior"], "batch_size": config["batch_size"], "lr": config["lr"],
         "kl_weight": config["kl_weight"], "warmup_epochs": config["warmup_epochs"],
         "num_samples": config["samples"],
         **results,
-        "train_flops": per_example * len(dataset.train) * len(history),
+        "train_flops": run.train_flops,
         "train_seconds": history[-1]["seconds"] if history else 0.0,
+        **run.metrics,
     }
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     if model.likelihood.task == "classification":
@@ -123,17 +130,16 @@ def _report(model: BayesianNetwork, guide: MeanField, dataset: datasets.Dataset,
 
 def train(config: dict[str, Any]) -> dict[str, Any]:
     """Run ``pyro-sparse train`` from its configuration; returns the metrics written to metrics.json."""
-    if config["method"] != "vi":
-        raise UsageError(f"method {config['method']!r} is not available yet; choose one of: vi")
-    for option in ("sparsity", "density", "chains"):
-        if config.get(option) is not None:
-            raise UsageError(f"--{option} does not apply to --method {config['method']}")
+    method = recipe(config["method"])
+    for option in METHOD_OPTIONS:
+        if config.get(option) is not None and option not in method.OPTIONS:
+            raise UsageError(f"--{option.replace('_', '-')} does not apply to --method {config['method']}")
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / CHECKPOINT
     if config["resume"] and path.is_file():
         saved = checkpoints.load(path)["metadata"]
-        keys = ("method", "net", "data", "prior", "prior_scale", "batch_size", "seed")
+        keys = ("method", "net", "data", "prior", "prior_scale", "batch_size", "seed", *METHOD_OPTIONS)
         changed = [key for key in keys if saved.get(key) != config.get(key)]
         if changed:
             raise UsageError(f"--resume: {out} was trained with different {', '.join(changed)}")
@@ -143,15 +149,11 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config["seed"])
     dataset = load_dataset(config)
     model = build_model(config, dataset)
-    guide = MeanField(model)
-    history = fit(
-        model, guide, dataset.train, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
-        kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
-        seed=config["seed"], checkpoint=path, resume=config["resume"], metadata=config,
-    )
-    history.to_csv(out / "history.csv")
-    plots.training_curve(history, out / "training_curve.png")
-    return _report(model, guide, dataset, config, history, out)
+    run = method.train(config, model, dataset, out)
+    History(run.history).to_csv(out / "history.csv")
+    if run.history and "loss" in run.history[0]:
+        plots.training_curve(run.history, out / "training_curve.png")
+    return _report(model, run, dataset, config, out)
 
 
 def evaluate_run(directory: str, samples: int | None = None) -> dict[str, Any]:
@@ -163,11 +165,9 @@ def evaluate_run(directory: str, samples: int | None = None) -> dict[str, Any]:
     config = saved["metadata"]
     dataset = load_dataset(config)
     model = build_model(config, dataset)
-    guide = MeanField(model)
-    model.load_state_dict(saved["model"])
-    guide.load_state_dict(saved["guide"])
+    posterior = recipe(config["method"]).restore(config, model, saved)
     torch.manual_seed(config["seed"])
-    results = evaluate(model, guide, dataset.test, num_samples=samples or config["samples"])
+    results = evaluate(model, posterior, dataset.test, num_samples=samples or config["samples"])
     return {"method": config["method"], "net": config["net"], "data": config["data"], **results}
 
 
@@ -214,7 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = commands.add_parser("train", help="train a Bayesian network and evaluate it")
-    t.add_argument("--method", default="vi", help="vi (dense mean-field VI)")
+    t.add_argument("--method", default="vi", help="vi (dense mean-field VI), snr, ssvi or em-sghmc")
     t.add_argument("--net", default="mlp", help=f"one of: {', '.join(sorted(nets.NETS))}")
     t.add_argument("--data", default="digits", help=f"one of: {', '.join(datasets.DATASETS)}")
     t.add_argument("--data-root", default=None, help="folder with the dataset files (MNIST/, FashionMNIST/, ...)")
@@ -229,7 +229,10 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--kl-weight", type=float, default=1.0, help="β, the KL weight (1 = ELBO)")
     t.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear KL warm-up")
     t.add_argument("--sparsity", type=_fraction(False, True), default=None, help="target sparsity (snr, em-sghmc)")
+    t.add_argument("--finetune-epochs", type=_nonnegative_int, default=None,
+                   help="epochs of fine-tuning the surviving weights after pruning (snr)")
     t.add_argument("--density", type=_fraction(True, False), default=None, help="support density (ssvi)")
+    t.add_argument("--update-every", type=_positive_int, default=None, help="steps between support updates (ssvi)")
     t.add_argument("--chains", type=_positive_int, default=None, help="number of chains (em-sghmc)")
     t.add_argument("--samples", type=_positive_int, default=32, help="posterior samples for prediction")
     t.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,54 @@
+"""One recipe per ``pyro-sparse train --method``: how a run is trained and how it is restored.
+
+A recipe is a module with
+
+- ``OPTIONS``: the method-specific command-line options it reads (the CLI rejects the others);
+- ``train(config, model, dataset, out) -> TrainedRun``: trains ``model`` on ``dataset.train``, writing
+  its checkpoint to ``out / "checkpoint.pt"`` (atomically, so ``--resume`` continues it);
+- ``restore(config, model, saved) -> Posterior``: the posterior of a finished run from its checkpoint.
+
+The CLI owns everything common to all methods: parsing, the output folder, the dataset and the
+model, history.csv, the training curve, metrics.json and the reliability diagram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ..posterior import Posterior
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainedRun:
+    """What a recipe hands back to the CLI.
+
+    posterior: the trained posterior (predictions and active-weight counts come from it);
+    history: one dict per epoch (written to history.csv; a training curve is drawn if it has "loss");
+    train_flops: multiply-adds of the whole training run (DESIGN.md's counting);
+    metrics: extra flat keys for metrics.json (e.g. the accuracy before pruning).
+    """
+
+    posterior: Posterior
+    history: list[dict[str, Any]]
+    train_flops: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def recipe(method: str) -> ModuleType:
+    """The recipe module of ``--method``; a ValueError names the available ones."""
+    from . import vi
+
+    recipes = {"vi": vi}
+    for name, module_name in (("snr", "snr"), ("ssvi", "ssvi"), ("em-sghmc", "em_sghmc")):
+        try:
+            recipes[name] = __import__(f"{__name__}.{module_name}", fromlist=["train"])
+        except ModuleNotFoundError as error:  # a recipe that is not written yet
+            if error.name != f"{__name__}.{module_name}":
+                raise
+    if method not in recipes:
+        raise ValueError(f"method {method!r} is not available; choose one of: {', '.join(recipes)}")
+    return recipes[method]

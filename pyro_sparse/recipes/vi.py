@@ -1,0 +1,35 @@
+"""``--method vi``: dense mean-field VI with the fused ELBO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data import Dataset, as_tensors
+from ..evaluation import training_flops_per_example
+from ..guides.meanfield import MeanField
+from ..infer.svi import fit
+from ..model import BayesianNetwork
+from ..posterior import Posterior
+from . import CHECKPOINT, TrainedRun
+
+OPTIONS: frozenset[str] = frozenset()
+
+
+def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out: Path) -> TrainedRun:
+    guide = MeanField(model)
+    history = fit(
+        model, guide, dataset.train, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
+        kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
+        seed=config["seed"], checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
+    )
+    x_train, _ = as_tensors(dataset.train)
+    per_example = training_flops_per_example(model, guide.active_counts(), x_train)
+    return TrainedRun(Posterior.from_guide(model, guide), history, per_example * len(x_train) * len(history))
+
+
+def restore(config: dict[str, Any], model: BayesianNetwork, saved: dict[str, Any]) -> Posterior:
+    guide = MeanField(model)
+    model.load_state_dict(saved["model"])
+    guide.load_state_dict(saved["guide"])
+    return Posterior.from_guide(model, guide)
