@@ -5,10 +5,11 @@ pruned); ``export(model, guide, mode="samples", num_samples=S)`` an ensemble of 
 networks for Monte Carlo prediction. Pruned weights are stored sparsely:
 
 - ``SparseLinear``: a Linear layer in compressed-row (CSR) form: the non-zero values, their column
-  indices (int16 where the layer has < 32768 inputs) and row offsets. Its ``"gather"`` kernel
-  computes y = x Wᵀ as one ``embedding_bag`` (a weighted sum of rows of xᵀ per output unit), which
-  does nnz · B multiply-adds instead of out · in · B; its ``"dense"`` kernel rebuilds W and calls
-  ``F.linear`` (faster for small batches). ``layout="auto"`` times both on each layer.
+  indices (int16 where the layer has < 32768 inputs) and row offsets. Its gather kernel computes
+  y = x Wᵀ with ``embedding_bag`` (a weighted sum of rows of xᵀ per output unit): nnz · B
+  multiply-adds instead of out · in · B. Small batches are faster through a dense copy of W, rebuilt
+  once and cached in memory; ``layout="auto"`` times both on each layer to find the batch size from
+  which the gather kernel wins (torch's own CSR kernels were slower than dense here).
 - ``SparseConv``: a convolution whose weight is stored as (values, flat indices) and rebuilt for
   each call (a convolution's cost is in its sliding products, not in its few weights).
 
@@ -23,7 +24,7 @@ import copy
 import io
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,6 @@ from .posterior import Posterior
 
 MODES = ("mean", "samples")
 LAYOUTS = ("auto", "dense", "sparse")
-KERNELS = ("gather", "dense")
 
 
 def _index_dtype(size: int) -> torch.dtype:
@@ -48,13 +48,17 @@ class SparseLinear(nn.Module):
     """y = x Wᵀ + b, W (out, in) stored in CSR form; x (..., in) -> y (..., out).
 
     Buffers: ``values`` (nnz,), ``columns`` (nnz,) int16/int32, ``row_offsets`` (out + 1,) int32,
-    ``bias`` (out,) or None. ``kernel``: "gather" (embedding_bag over xᵀ) or "dense" (rebuild W).
+    ``bias`` (out,) or None. Batches of at least ``gather_min_batch`` rows use the gather kernel:
+    ``embedding_bag`` over blocks of 128 columns of xᵀ (a block stays in cache while every output
+    unit sums its nnz/out rows of it), nnz · B multiply-adds in all. Smaller batches, or all when
+    ``gather_min_batch`` is None, use ``F.linear`` with W rebuilt once and cached in memory (never
+    saved: the state on disk is the CSR form).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "gather"):
+    BLOCK = 128
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gather_min_batch: int | None = 1):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
         support = weight != 0
@@ -65,7 +69,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("columns", rows_and_columns[:, 1].to(_index_dtype(self.in_features)))
         self.register_buffer("row_offsets", row_offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.kernel = kernel
+        self.gather_min_batch = gather_min_batch
+        self._cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def nnz(self) -> int:
@@ -80,14 +85,31 @@ class SparseLinear(nn.Module):
         weight[rows, self.columns.long()] = self.values
         return weight
 
+    def _cached_dense_weight(self) -> torch.Tensor:
+        key = (self.values.data_ptr(), self.values._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.dense_weight())
+        return self._cache[1]
+
+    def _gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ for x (B, in), one ``embedding_bag`` per block of BLOCK examples: (B, out).
+
+        In ``torch.export`` (a symbolic batch size) the whole batch is one block.
+        """
+        columns, offsets = self.columns.long(), self.row_offsets[:-1].long()
+        blocks = [flat] if torch.compiler.is_exporting() else flat.split(self.BLOCK)
+        return torch.cat([
+            F.embedding_bag(columns, block.t().contiguous(), offsets, mode="sum", per_sample_weights=self.values)
+            for block in blocks
+        ], 1).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "dense":
-            return F.linear(x, self.dense_weight(), self.bias)
         flat = x.reshape(-1, self.in_features)
-        table = flat.t().contiguous()  # (in, B): row j holds input feature j of every example
-        out = F.embedding_bag(
-            self.columns.long(), table, self.row_offsets[:-1].long(), mode="sum", per_sample_weights=self.values
-        ).t()  # (B, out)
+        exporting = torch.compiler.is_exporting()
+        if self.gather_min_batch is None or (not exporting and flat.shape[0] < self.gather_min_batch):
+            weight = self.dense_weight() if exporting else self._cached_dense_weight()
+            return F.linear(x, weight, self.bias)
+        out = self._gather(flat)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -95,7 +117,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         density = self.nnz / (self.out_features * self.in_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz} "
-                f"(density {density:.3f}), kernel={self.kernel}")
+                f"(density {density:.3f}), gather_min_batch={self.gather_min_batch}")
 
 
 class SparseConv(nn.Module):
@@ -184,13 +206,13 @@ def _plain_network(model: BayesianNetwork, weights: Mapping[str, torch.Tensor]) 
     return net.eval()
 
 
-def _median_seconds(module: nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
+def _median_seconds(call: Callable[[], torch.Tensor], repeats: int = 9) -> float:
     with torch.no_grad():
-        module(x)
+        call()
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            module(x)
+            call()
             times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 
@@ -203,15 +225,9 @@ def _sparsify(net: nn.Module, model: BayesianNetwork, masks: Mapping[str, torch.
             continue
         layer = net.get_submodule(site.module_path)
         if isinstance(layer, nn.Linear):
-            sparse: nn.Module = SparseLinear(layer.weight, layer.bias, kernel="gather")
+            sparse: nn.Module = SparseLinear(layer.weight, layer.bias, gather_min_batch=1)
             if layout == "auto":
-                x = torch.randn(batch_size, layer.in_features, device=layer.weight.device)
-                timed = {kernel: _median_seconds(_with_kernel(sparse, kernel), x) for kernel in KERNELS}
-                timed["plain"] = _median_seconds(layer, x)
-                fastest = min(timed, key=timed.get)
-                if fastest == "plain":
-                    continue
-                sparse.kernel = fastest
+                sparse.gather_min_batch = _gather_crossover(sparse, batch_size)
         elif isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             sparse = SparseConv(layer, layer.weight)
         else:
@@ -221,9 +237,17 @@ def _sparsify(net: nn.Module, model: BayesianNetwork, masks: Mapping[str, torch.
     return net
 
 
-def _with_kernel(layer: SparseLinear, kernel: str) -> SparseLinear:
-    layer.kernel = kernel
-    return layer
+def _gather_crossover(layer: SparseLinear, largest: int) -> int | None:
+    """The smallest batch size (of 1, 4, 16, ... up to ``largest``) from which the gather kernel beats
+    the cached dense weight on this machine; None if it never does."""
+    sizes = sorted({*(4**k for k in range(10) if 4**k < largest), largest})
+    for size in sizes:
+        x = torch.randn(size, layer.in_features, device=layer.values.device)
+        gather = _median_seconds(lambda x=x: layer._gather(x))
+        dense = _median_seconds(lambda x=x: F.linear(x, layer._cached_dense_weight()))
+        if gather < dense:
+            return size
+    return None
 
 
 def export(
@@ -242,10 +266,10 @@ def export(
             stored samples (e.g. from ``em_sghmc``).
         mode: "mean": one network with the posterior-mean weights (exact zeros where pruned), x (B, ...)
             -> (B, ...); "samples": an ``Ensemble`` of ``num_samples`` sampled networks, x -> (S, B, ...).
-        layout: "dense": ordinary torch layers; "sparse": pruned Linear layers in CSR form with the
-            gather kernel and pruned convolutions stored sparsely; "auto": sparse storage, and for
-            each Linear layer the fastest of gather, dense-rebuild and the plain layer, timed on a
-            batch of ``batch_size``.
+        layout: "dense": ordinary torch layers; "sparse": pruned Linear layers in CSR form, always
+            with the gather kernel, and pruned convolutions stored sparsely; "auto": the same storage,
+            each Linear layer using the gather kernel from the batch size on which it was timed faster
+            than a cached dense weight (timed up to ``batch_size``), the dense weight below it.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -292,6 +316,7 @@ def save(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> i
     (B ≥ 2). Returns the file's size in bytes.
     """
     batch = torch.export.Dim("batch", min=1)
+    example = example[:2].clone()  # the program keeps its sample input: never a view of a whole dataset
     with torch.no_grad():
         program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
     buffer = io.BytesIO()

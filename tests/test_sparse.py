@@ -46,7 +46,7 @@ def test_mean_export_reproduces_the_posterior_mean_network(pruned_mlp, digits, l
     assert not any(isinstance(m, ps.layers.LocalReparameterization) for m in exported.modules())
     if layout == "sparse":
         sparse_layers = [m for m in exported.modules() if isinstance(m, SparseLinear)]
-        assert len(sparse_layers) == 3 and all(m.kernel == "gather" for m in sparse_layers)
+        assert len(sparse_layers) == 3 and all(m.gather_min_batch == 1 for m in sparse_layers)
         for layer, mask in zip(sparse_layers, guide.masks().values(), strict=True):
             assert layer.nnz == int(mask.sum())
             assert torch.equal(layer.dense_weight() != 0, mask)
@@ -63,10 +63,10 @@ def test_both_kernels_agree_on_any_batch_shape():
     weight = torch.randn(7, 33) * (torch.rand(7, 33) < 0.2)
     weight[3] = 0  # an output unit with no inputs
     bias = torch.randn(7)
-    for x in (torch.randn(1, 33), torch.randn(5, 33), torch.randn(2, 4, 33)):
+    for x in (torch.randn(1, 33), torch.randn(5, 33), torch.randn(2, 4, 33), torch.randn(300, 33)):  # 3 blocks
         expected = nn.functional.linear(x, weight, bias)
-        for kernel in ("gather", "dense"):
-            got = SparseLinear(weight, bias, kernel=kernel)(x)
+        for gather_min_batch in (1, None):  # the gather kernel, the cached dense weight
+            got = SparseLinear(weight, bias, gather_min_batch)(x)
             assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
 
 
