@@ -1,7 +1,7 @@
 """Exported posterior-mean networks, dense against sparse: speed, size and equality of logits.
 
 Trains mlp 784-400-400-10 with dense mean-field VI on Fashion-MNIST, prunes copies of the guide to
-80, 90 and 95 % sparsity by SNR (per layer), exports each with ``ps.sparse.export`` as a dense
+80, 90 and 95 % sparsity by SNR (one global threshold), exports each with ``ps.sparse.export`` as a dense
 network (``layout="dense"``) and in sparse form (``layout="auto"``: CSR Linear layers, each with the
 gather kernel from the batch size where it was timed faster than dense), then, side by side in one
 run (rounds interleaved, median):
@@ -63,7 +63,7 @@ def main() -> None:
     rows = []
     for sparsity in args.sparsities:
         guide = copy.deepcopy(trained)
-        guide.prune(sparsity=sparsity, scope="layer")
+        guide.prune(sparsity=sparsity, scope="global")
         with torch.no_grad():
             reference = model.apply(x_test[:1024], guide.mean_weights())
         nets = {layout: export(model, guide, layout=layout) for layout in ("dense", "auto")}
@@ -93,7 +93,7 @@ def main() -> None:
         row["size_ratio_program"] = row["program_bytes_dense"] / row["program_bytes_sparse"]
         rows.append(row)
 
-    print(f"mlp 784-400-400-10, Fashion-MNIST, {args.epochs} epochs dense VI, SNR-pruned per layer; "
+    print(f"mlp 784-400-400-10, Fashion-MNIST, {args.epochs} epochs dense VI, SNR-pruned (global); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
     print("| sparsity | gather from batch (per layer) | ms b=1 dense | ms b=1 sparse | ms b=1024 dense "
           "| ms b=1024 sparse | speed-up b=1024 | max \\|Δlogit\\| | weights on disk dense → sparse "

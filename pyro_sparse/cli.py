@@ -100,7 +100,7 @@ def load_dataset(config: dict[str, Any]) -> datasets.Dataset:
 
 
 # Method-specific command-line options: the CLI rejects those the chosen method does not read.
-METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "update_every")
+METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "finetune_lr", "update_every")
 
 
 def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, config: dict[str, Any],
@@ -230,7 +230,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear KL warm-up")
     t.add_argument("--sparsity", type=_fraction(False, True), default=None, help="target sparsity (snr, em-sghmc)")
     t.add_argument("--finetune-epochs", type=_nonnegative_int, default=None,
-                   help="epochs of fine-tuning the surviving weights after pruning (snr)")
+                   help="epochs of fine-tuning the surviving weights after pruning (snr; default epochs // 2)")
+    t.add_argument("--finetune-lr", type=_positive_float, default=None,
+                   help="fine-tuning learning rate (snr; default --lr)")
     t.add_argument("--density", type=_fraction(True, False), default=None, help="support density (ssvi)")
     t.add_argument("--update-every", type=_positive_int, default=None, help="steps between support updates (ssvi)")
     t.add_argument("--chains", type=_positive_int, default=None, help="number of chains (em-sghmc)")

@@ -48,3 +48,34 @@ def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLik
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def snr_histogram(
+    snr: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    thresholds: float | Mapping[str, float] | None = None,
+    title: str = "",
+) -> None:
+    """Histogram of the signal-to-noise ratios |μ| / σ of each site (log-x), with the pruning threshold:
+    one black line for a single threshold, or one line per site in its colour."""
+    values = {name: ratio.detach().flatten().cpu().clamp_min(1e-6) for name, ratio in snr.items()}
+    low = min(float(v.min()) for v in values.values())
+    high = max(float(v.max()) for v in values.values())
+    bins = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high * 1.01)), 61).tolist()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, (name, ratio) in enumerate(values.items()):
+        color = f"C{index % 10}"
+        ax.hist(ratio.numpy(), bins=bins, histtype="step", color=color, label=f"{name} ({ratio.numel()})")
+        if isinstance(thresholds, Mapping) and name in thresholds:
+            ax.axvline(thresholds[name], color=color, linestyle="--")
+    if isinstance(thresholds, int | float):
+        ax.axvline(thresholds, color="black", linestyle="--", label=f"threshold {thresholds:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("SNR |μ| / σ")
+    ax.set_ylabel("weights")
+    ax.set_title(title + ("\n(dashed: per-layer thresholds)" if isinstance(thresholds, Mapping) else ""), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
