@@ -4,13 +4,20 @@ q(w) = Π_sites Π_i [m_i N(w_i; μ_i, σ_i²) + (1 − m_i) δ₀(w_i)], σ = s
 mask m per site. Dense VI keeps every mask full; SNR pruning and sparse-subspace VI only change
 the masks (and, for SSVI, which coordinates are stored). Masked weights have μ = σ = 0: every
 sample, prediction, KL and gradient treats them as removed.
+
+Two storages of a site, with one interface (``mask``, ``scale()``, ``is_dense()``, ``num_active()``,
+``set_mask()``, ``variational()``, ``moments_and_kl()``):
+
+- ``MeanFieldSite`` (dense): μ, ρ of the weight's shape and a bool mask buffer;
+- ``CompactSite``: μ, ρ of shape (k,) over the k active coordinates only and their flat positions,
+  so parameters, optimizer state and checkpoints scale with k (sparse-subspace VI).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import pyro
@@ -48,9 +55,21 @@ class MeanFieldSite(nn.Module):
         self.register_buffer("mask", torch.ones_like(loc, dtype=torch.bool))
         self._dense_cache: tuple[int, int, bool] | None = None
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.loc.shape
+
     def scale(self) -> torch.Tensor:
         """σ = softplus(ρ) of every coordinate, active or not (always > 0)."""
         return softplus(self.rho)
+
+    def num_active(self) -> int:
+        return int(self.mask.sum())
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (bool, the weight's shape); μ and ρ stay as they are."""
+        self.mask.copy_(mask.to(torch.bool))
 
     def is_dense(self) -> bool:
         """True when no weight of this site is masked (cached until the mask changes)."""
@@ -79,6 +98,127 @@ class MeanFieldSite(nn.Module):
         return SiteMoments(loc, scale, scale * scale, mask), prior.total_kl(loc, scale, mask)
 
 
+class CompactSite(nn.Module):
+    """Variational parameters of one weight tensor, stored on its support only.
+
+    ``loc`` and ``rho`` have shape (k,): μ and ρ of the k active coordinates, whose flat positions in
+    the weight (distinct, in any order) are the long buffer ``index`` (k,). The bool ``mask`` (the
+    weight's shape) is computed from ``index`` when asked for. Parameters, optimizer state and
+    checkpoints therefore scale with k; the training objective runs softplus and the KL on the k
+    values and scatters μ, σ and σ² into dense zero tensors for the network's forward pass.
+    ``scale()`` is σ of the k stored coordinates; ``variational()`` and ``moments_and_kl()`` return
+    dense tensors like ``MeanFieldSite``'s.
+
+    Args:
+        loc: the weight's initial value (its full shape); μ starts there on the support.
+        mask: bool, the weight's shape: the initial support (True = active).
+        init_scale: the initial σ of the active weights.
+    """
+
+    def __init__(self, loc: torch.Tensor, mask: torch.Tensor, init_scale: float):
+        super().__init__()
+        if mask.shape != loc.shape:
+            raise ValueError(f"support mask must have shape {tuple(loc.shape)}, got {tuple(mask.shape)}")
+        index = mask.to(torch.bool).flatten().nonzero().squeeze(1)
+        self._shape = loc.shape
+        self.loc = nn.Parameter(loc.detach().flatten()[index].clone())
+        self.rho = nn.Parameter(torch.full_like(self.loc, inverse_softplus(init_scale)))
+        self.register_buffer("index", index)
+        self._mask_cache: tuple[int, int, torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Bool tensor of the weight's shape, True on the support (cached until ``index`` changes)."""
+        key = (self.index.data_ptr(), self.index._version)
+        if self._mask_cache is None or self._mask_cache[:2] != key:
+            mask = torch.zeros(self._shape.numel(), dtype=torch.bool, device=self.index.device)
+            mask[self.index] = True
+            self._mask_cache = (*key, mask.view(self._shape))
+        return self._mask_cache[2]
+
+    def scale(self) -> torch.Tensor:
+        """σ = softplus(ρ) of the k stored coordinates: shape (k,)."""
+        return softplus(self.rho)
+
+    def num_active(self) -> int:
+        return self.index.numel()
+
+    def is_dense(self) -> bool:
+        return self.index.numel() == self._shape.numel()
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """(k,) values on the support -> a tensor of the weight's shape, zero elsewhere (differentiable)."""
+        return values.new_zeros(self._shape.numel()).index_copy(0, self.index, values).view(self._shape)
+
+    def variational(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(μ, σ, mask) as dense tensors of the weight's shape, exactly zero off the support."""
+        return self.dense(self.loc), self.dense(self.scale()), None if self.is_dense() else self.mask
+
+    def moments_and_kl(self, prior: Prior) -> tuple[SiteMoments, torch.Tensor]:
+        """Dense moments (scattered from the k values) and Σ KL(q ‖ p) over the k active weights."""
+        if type(prior).second_moment_kl is not Prior.second_moment_kl:
+            scale, var, kl = softplus_kl(self.loc, self.rho, None, prior)
+        else:
+            scale = self.scale()
+            var, kl = scale * scale, prior.kl(self.loc, scale).sum()
+        mask = None if self.is_dense() else self.mask
+        return SiteMoments(self.dense(self.loc), self.dense(scale), self.dense(var), mask), kl
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Move the support to ``mask`` (bool, the weight's shape).
+
+        Weights active before and after keep their (μ, ρ); newly active ones start at μ = 0 and
+        ρ = the mean ρ of the kept ones. With the same number of active weights the parameters are
+        updated in place (an optimizer keeps them; its state is not reset here); otherwise they are
+        replaced by new tensors of the new size, and an optimizer must be built afresh.
+        """
+        new_index = mask.to(torch.bool).flatten().nonzero().squeeze(1).to(self.index.device)
+        slot_of = torch.full((self._shape.numel(),), -1, dtype=torch.long, device=self.index.device)
+        slot_of[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        old_slot = slot_of[new_index]
+        kept = old_slot >= 0
+        rho_fill = self.rho[old_slot[kept]].mean() if kept.any() else self.rho.mean()
+        loc = torch.where(kept, self.loc[old_slot.clamp(min=0)], torch.zeros((), device=self.loc.device))
+        rho = torch.where(kept, self.rho[old_slot.clamp(min=0)], rho_fill)
+        if new_index.numel() == self.index.numel():
+            self.index.copy_(new_index)
+            self.loc.copy_(loc)
+            self.rho.copy_(rho)
+        else:
+            self._resize(new_index.numel())
+            self.index.copy_(new_index)
+            self.loc.copy_(loc)
+            self.rho.copy_(rho)
+
+    def _resize(self, k: int) -> None:
+        self.loc = nn.Parameter(self.loc.new_empty(k))
+        self.rho = nn.Parameter(self.rho.new_empty(k))
+        self.index = self.index.new_empty(k)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "index")
+        if saved is not None and saved.numel() != self.index.numel():  # a support of another size
+            self._resize(saved.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self._shape)}, active={self.index.numel()}"
+
+
+GuideSite = MeanFieldSite | CompactSite
+"""Either storage of a site (same interface)."""
+
+
+def check_model(model) -> None:
+    if not isinstance(model, BayesianNetwork):
+        raise ValueError(f"model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}")
+
+
 class MeanField(nn.Module):
     """Masked mean-field Gaussian guide for a ``BayesianNetwork``; an ordinary Pyro guide.
 
@@ -87,34 +227,47 @@ class MeanField(nn.Module):
         init_scale: the initial σ of every weight. μ starts at the network's own initialisation,
             so training starts from a good deterministic network with a little noise.
         name: prefix of this guide's parameters in Pyro's param store (default: unique).
+        compact: site name -> bool support mask (the weight's shape): these sites are stored as
+            ``CompactSite`` (μ, ρ of the active weights only); all others as dense ``MeanFieldSite``.
 
     ``guide(x, y)`` samples every site from q (for ``pyro.infer.SVI`` and ``Predictive``);
     ``pyro_sparse.fit`` uses the fused objective with local reparameterization instead.
     """
 
-    def __init__(self, model: BayesianNetwork, init_scale: float = 1e-3, name: str | None = None):
+    def __init__(
+        self,
+        model: BayesianNetwork,
+        init_scale: float = 1e-3,
+        name: str | None = None,
+        compact: Mapping[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
-        if not isinstance(model, BayesianNetwork):
-            raise ValueError(f"model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}")
+        check_model(model)
         if not math.isfinite(init_scale) or init_scale <= 0:
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+        compact = dict(compact or {})
+        unknown = set(compact) - set(model.sites)
+        if unknown:
+            raise ValueError(f"compact names unknown sites {sorted(unknown)}; sites are {list(model.sites)}")
         self.site_info: dict[str, Site] = dict(model.sites)
         self.pyro_name = name if name is not None else f"{type(self).__name__}{next(_instance_counter)}"
-        self.sites = nn.ModuleDict(
-            {_key(name): MeanFieldSite(model.initial_value(name), init_scale) for name in self.site_info}
-        )
+        self.sites = nn.ModuleDict({
+            _key(name): CompactSite(model.initial_value(name), compact[name], init_scale) if name in compact
+            else MeanFieldSite(model.initial_value(name), init_scale)
+            for name in self.site_info
+        })
 
     # ----------------------------------------------------------------------------------------
     # Access by site name
     # ----------------------------------------------------------------------------------------
-    def site(self, name: str) -> MeanFieldSite:
+    def site(self, name: str) -> GuideSite:
         """Variational parameters of the site named ``name`` (a parameter path, e.g. "0.weight")."""
         try:
             return self.sites[_key(name)]
         except KeyError:
             raise KeyError(f"no Bayesian site {name!r}; sites are {list(self.site_info)}") from None
 
-    def named_sites(self) -> Iterator[tuple[str, MeanFieldSite]]:
+    def named_sites(self) -> Iterator[tuple[str, GuideSite]]:
         for name in self.site_info:
             yield name, self.sites[_key(name)]
 
@@ -124,15 +277,15 @@ class MeanField(nn.Module):
 
     @torch.no_grad()
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
-        """Replace the mask of site ``name`` (bool, the weight's shape)."""
+        """Replace the mask of site ``name`` (bool, the weight's shape); see the sites' ``set_mask``."""
         site = self.site(name)
-        if mask.shape != site.mask.shape:
-            raise ValueError(f"mask for {name!r} must have shape {tuple(site.mask.shape)}, got {tuple(mask.shape)}")
-        site.mask.copy_(mask.to(torch.bool))
+        if mask.shape != site.shape:
+            raise ValueError(f"mask for {name!r} must have shape {tuple(site.shape)}, got {tuple(mask.shape)}")
+        site.set_mask(mask)
 
     def active_counts(self) -> dict[str, int]:
         """Site name -> number of active weights."""
-        return {name: int(site.mask.sum()) for name, site in self.named_sites()}
+        return {name: site.num_active() for name, site in self.named_sites()}
 
     @property
     def num_active(self) -> int:
@@ -140,7 +293,7 @@ class MeanField(nn.Module):
 
     @property
     def num_weights(self) -> int:
-        return sum(site.mask.numel() for _, site in self.named_sites())
+        return sum(site.shape.numel() for _, site in self.named_sites())
 
     @property
     def sparsity(self) -> float:

@@ -1,0 +1,343 @@
+"""SparseSubspace: sparse-subspace variational inference (SSVI), sparse from the first step to the last.
+
+After Li, Miao, Qiu, Zhang, *Training Bayesian Neural Networks with Sparse Subspace Variational
+Inference* (ICLR 2024). q is the masked mean-field Gaussian of ``MeanField`` on a support of fixed
+size: each sparse layer keeps k = round(density × numel) active weights for the whole of training,
+stored compactly (``CompactSite``: μ, ρ and the flat positions of the k active weights only), so the
+trainable parameters, Adam's state and the checkpoints scale with k. ``pyro_sparse.fit`` trains
+(μ, ρ) of the active weights and calls ``on_step_end`` after every step, where every
+``update_every`` steps (until ``stop_fraction`` of training) the support moves:
+
+- the fraction r_t = (α/2)(1 + cos(π t / T_end)) (α = ``drop_fraction``, T_end = ``stop_fraction``
+  × total steps) of each layer's active weights with the lowest ``removal`` criterion is removed;
+- as many inactive weights are added, those with the largest |∂L/∂μ| of a dense gradient on the
+  step's batch (``growth="gradient"``: one forward and backward pass of the mean network, inactive
+  μ = 0) or drawn at random; they start at μ = 0, ρ = the mean ρ of the layer's kept weights, and
+  Adam's moment estimates of their slots are reset.
+
+Removal criteria (lowest removed first):
+
+- ``"snr"``: |μ| / σ;
+- ``"magnitude"``: |μ|;
+- ``"folded_snr"`` (the paper's default): the signal-to-noise ratio E|θ| / sd|θ| of the folded
+  normal |θ|, θ ~ N(μ, σ²). With t = |μ|/σ, E|θ|/σ = √(2/π) e^{−t²/2} + t (1 − 2Φ(−t)) and
+  Var|θ|/σ² = t² + 1 − (E|θ|/σ)², a function of t alone that increases with t: it ranks exactly
+  like ``"snr"`` (it is kept for fidelity to the paper);
+- ``"random"``.
+
+Randomness (initial support, random criteria) comes from torch's global RNG, which ``fit`` saves
+and restores, so a resumed run equals an uninterrupted one. ``update_log`` (saved in the guide's
+state dict) lists every support update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import BayesianNetwork
+from .meanfield import CompactSite, MeanField, check_model
+
+REMOVAL = ("snr", "magnitude", "folded_snr", "random")
+LAYER_DENSITIES = ("uniform", "erk")
+GROWTH = ("gradient", "random")
+
+
+def folded_normal_snr(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E|θ| / sd|θ| of θ ~ N(loc, scale²), elementwise (computed in float64; see the module docstring)."""
+    t = (loc.double().abs() / scale.double()).clamp(max=1e6)
+    mean = math.sqrt(2 / math.pi) * torch.exp(-0.5 * t * t) + t * torch.erf(t / math.sqrt(2))
+    var = (t * t + 1 - mean * mean).clamp(min=1e-300)
+    return (mean / var.sqrt()).to(loc.dtype)
+
+
+def removal_scores(criterion: str, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Score of each active weight (the lowest are removed first): loc, scale (k,) -> (k,)."""
+    if criterion == "snr":
+        return loc.abs() / scale
+    if criterion == "magnitude":
+        return loc.abs()
+    if criterion == "folded_snr":
+        return folded_normal_snr(loc, scale)
+    return torch.rand(loc.shape, device=loc.device)
+
+
+def trainable_bytes(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the parameters plus their optimizer state.
+
+    With ``optimizer``, its actual state tensors are counted (after at least one step); without,
+    Adam's two moment estimates per parameter are assumed (3 × the parameter bytes).
+    """
+    params = list(params)
+    total = sum(p.numel() * p.element_size() for p in params)
+    if optimizer is None:
+        return 3 * total
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def dense_trainable_bytes(model: BayesianNetwork) -> int:
+    """``trainable_bytes`` of dense mean-field VI of ``model``: a dense guide's μ, ρ and the model's own
+    parameters, with Adam's state."""
+    return trainable_bytes([*MeanField(model).parameters(), *model.parameters()])
+
+
+class SparseSubspace(MeanField):
+    """The masked mean-field guide on a sparse support of constant size (see the module docstring).
+
+    Args:
+        model: the BayesianNetwork.
+        density: fraction of each sparse layer's weights that is active, in (0, 1]; a layer of n
+            weights keeps k = max(1, round(density × n)).
+        update_every: steps between support updates (ΔT), ≥ 1.
+        drop_fraction: α in [0, 1): the first update moves about α of each layer's active weights.
+        stop_fraction: in (0, 1]: no updates after this fraction of the training steps.
+        removal: "snr", "magnitude", "folded_snr" or "random".
+        growth: "gradient" or "random".
+        dense_layers: sites kept dense (all weights active, never updated): their names (e.g.
+            "0.weight") or "first": the network's first Bayesian layer *when it is a convolution*
+            (the paper keeps its first conv dense: few weights that every feature depends on). A
+            fully connected first layer, which holds most of an MLP's weights, stays sparse.
+        layer_density: how the active weights are spread over the sparse layers: "uniform" (the
+            paper: every layer at ``density``) or "erk" (Erdős–Rényi-kernel, Evci et al. 2020, RigL:
+            layer density ∝ (Σ of the weight's dims) / (their product), so small layers such as the
+            output layer are denser; the same total, density × the sparse layers' weights).
+        init_scale: the initial σ; μ starts at the network's own initial weights on the support.
+        rescale_init: multiply the initial μ of a sparse layer by √(n / k) (≈ 1/√density), so that
+            its pre-activations keep the variance of the dense initialisation; otherwise (Kaiming-
+            style initialisation) every sparse layer shrinks the signal by √density and a deep net
+            at density 0.1 starts close to constant. On Fashion-MNIST (mlp, 5k examples, 3 epochs)
+            it raised accuracy from 71.8 % to 77.2 %.
+        name: prefix in Pyro's param store (default: unique).
+    """
+
+    def __init__(
+        self,
+        model: BayesianNetwork,
+        density: float = 0.1,
+        update_every: int = 100,
+        drop_fraction: float = 0.3,
+        stop_fraction: float = 0.75,
+        removal: str = "snr",
+        growth: str = "gradient",
+        dense_layers: Iterable[str] | str = ("first",),
+        layer_density: str = "uniform",
+        init_scale: float = 1e-3,
+        rescale_init: bool = True,
+        name: str | None = None,
+    ):
+        check_model(model)
+        _check_number("density", density, lambda v: 0 < v <= 1, "lie in (0, 1]")
+        _check_number("update_every", update_every, lambda v: v >= 1 and int(v) == v, "be an integer >= 1")
+        _check_number("drop_fraction", drop_fraction, lambda v: 0 <= v < 1, "lie in [0, 1)")
+        _check_number("stop_fraction", stop_fraction, lambda v: 0 < v <= 1, "lie in (0, 1]")
+        if removal not in REMOVAL:
+            raise ValueError(f"removal must be one of {', '.join(REMOVAL)}; got {removal!r}")
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
+        if layer_density not in LAYER_DENSITIES:
+            raise ValueError(f"layer_density must be one of {', '.join(LAYER_DENSITIES)}; got {layer_density!r}")
+        dense = _dense_sites(model, dense_layers)
+        shapes = {name: site.shape for name, site in model.sites.items() if name not in dense}
+        densities = _erk_densities(shapes, density) if layer_density == "erk" else dict.fromkeys(shapes, density)
+        supports = {}
+        for site_name, site in model.sites.items():
+            if site_name not in dense:
+                k = max(1, round(densities[site_name] * site.numel))
+                support = torch.zeros(site.numel, dtype=torch.bool)
+                support[torch.randperm(site.numel)[:k]] = True
+                supports[site_name] = support.view(site.shape)
+        super().__init__(model, init_scale=init_scale, name=name, compact=supports)
+        if rescale_init:
+            with torch.no_grad():
+                for site in self.compact_sites().values():
+                    site.loc.mul_(math.sqrt(site.shape.numel() / site.num_active()))
+        self.density, self.update_every = float(density), int(update_every)
+        self.drop_fraction, self.stop_fraction = float(drop_fraction), float(stop_fraction)
+        self.removal, self.growth, self.dense_layers = removal, growth, tuple(sorted(dense))
+        self.layer_density = layer_density
+        self.update_log: list[dict[str, Any]] = []
+        self._model = [model]  # not a submodule: the guide's state dict holds only its own tensors
+
+    # ----------------------------------------------------------------------------------------
+    # The schedule, driven by ``fit``
+    # ----------------------------------------------------------------------------------------
+    def drop_rate(self, step: int, total_steps: int) -> float:
+        """r_t = (α/2)(1 + cos(π t / T_end)) after ``step`` = t steps of ``total_steps``; 0 from T_end on."""
+        end = self.stop_fraction * total_steps
+        if step >= end:
+            return 0.0
+        return 0.5 * self.drop_fraction * (1 + math.cos(math.pi * step / end))
+
+    def on_step_end(self, state) -> None:
+        """Every ``update_every`` steps before ``stop_fraction`` of training: move the support."""
+        step = state.global_step + 1
+        total = state.epochs * state.steps_per_epoch
+        if step % self.update_every or step >= self.stop_fraction * total:
+            return
+        moved = self.update_support(self.drop_rate(step, total), state.batch, state.optimizer, step=step)
+        state.record["support_changes"] = state.record.get("support_changes", 0) + moved
+        state.record["support_updates"] = state.record.get("support_updates", 0) + 1
+        per_update = state.record.get("support_changes_per_update", "")
+        state.record["support_changes_per_update"] = f"{per_update} {moved}".strip()
+
+    def on_epoch_end(self, state) -> None:
+        state.record.setdefault("support_changes", 0)
+        state.record.setdefault("support_updates", 0)
+        state.record.setdefault("support_changes_per_update", "")
+
+    # ----------------------------------------------------------------------------------------
+    # Remove and add
+    # ----------------------------------------------------------------------------------------
+    def compact_sites(self) -> dict[str, CompactSite]:
+        """The sparse sites (those the updates move), by name."""
+        return {name: site for name, site in self.named_sites() if isinstance(site, CompactSite)}
+
+    @torch.no_grad()
+    def update_support(
+        self,
+        fraction: float,
+        batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: int | None = None,
+    ) -> int:
+        """Move round(fraction × k) weights of every sparse layer; returns how many moved in all.
+
+        Args:
+            fraction: the share of each layer's active weights to remove (and add), in [0, 1].
+            batch: (x (B, ...), y (B,)), needed for ``growth="gradient"``.
+            optimizer: its state (Adam's exp_avg, exp_avg_sq) is reset at the slots that moved.
+            step: recorded in ``update_log``.
+        """
+        sites = self.compact_sites()
+        counts = {name: min(round(fraction * site.num_active()), site.shape.numel() - site.num_active())
+                  for name, site in sites.items()}
+        use_gradient = self.growth == "gradient" and any(counts.values())
+        if use_gradient and batch is None:
+            raise ValueError('growth="gradient" needs the batch of the update')
+        gradients = self.dense_gradients(*batch) if use_gradient else {}
+        for name, site in sites.items():
+            count = counts[name]
+            if count == 0:
+                continue
+            active_before = site.num_active()
+            slots = torch.topk(removal_scores(self.removal, site.loc, site.scale()), count, largest=False).indices
+            inactive_score = gradients[name].abs().flatten() if use_gradient else torch.rand(
+                site.shape.numel(), device=site.index.device)
+            inactive_score[site.index] = -1.0  # active now, or removed in this update: not eligible
+            added = torch.topk(inactive_score, count).indices
+            kept = torch.ones(active_before, dtype=torch.bool, device=site.index.device)
+            kept[slots] = False
+            site.index[slots] = added
+            site.loc[slots] = 0.0
+            site.rho[slots] = site.rho[kept].mean()
+            if optimizer is not None:
+                _reset_optimizer_state(optimizer, (site.loc, site.rho), slots)
+            assert site.num_active() == active_before, f"{name}: the support size changed"
+        moved = sum(counts.values())
+        self.update_log.append({
+            "step": step, "fraction": fraction, "moved": moved, "layers": dict(counts),
+            "batch_size": len(batch[0]) if use_gradient else 0,
+        })
+        return moved
+
+    def dense_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """∂L/∂μ at every coordinate of every sparse site (inactive μ = 0): site name -> (weight shape).
+
+        L is the batch's mean negative log-likelihood of the mean network (weights = μ), run in eval
+        mode (no dropout; BatchNorm uses its running statistics and leaves them unchanged).
+        """
+        model = self._model[0]
+        sites = self.compact_sites()
+        weights = {name: loc.detach() for name, loc in self.mean_weights().items()}
+        for name in sites:
+            weights[name].requires_grad_(True)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                output = model.apply(x, weights)
+                loss = -model.likelihood.log_prob(output, y).mean()
+                grads = torch.autograd.grad(loss, [weights[name] for name in sites])
+        finally:
+            model.train(was_training)
+        return dict(zip(sites, grads, strict=True))
+
+    def gradient_flops(self, example: torch.Tensor) -> int:
+        """Multiply-adds of the dense gradients of all updates so far: for each, batch size × one
+        forward and backward pass (3 × forward) of the network with every weight active."""
+        from ..metrics import forward_flops, total_flops
+
+        model = self._model[0]
+        device = next(iter(model.net.buffers())).device
+        per_example = 3 * total_flops(forward_flops(model.net, example[:1].to(device)))
+        return per_example * sum(entry["batch_size"] for entry in self.update_log)
+
+    # ----------------------------------------------------------------------------------------
+    # State: the update log travels with the guide's state dict (checkpoints, exact resume)
+    # ----------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"update_log": [dict(entry, layers=dict(entry["layers"])) for entry in self.update_log]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.update_log = [dict(entry) for entry in state["update_log"]]
+
+    def extra_repr(self) -> str:
+        return (f"density={self.density:g}, update_every={self.update_every}, drop_fraction={self.drop_fraction:g}, "
+                f"stop_fraction={self.stop_fraction:g}, removal={self.removal!r}, growth={self.growth!r}, "
+                f"dense_layers={self.dense_layers}, layer_density={self.layer_density!r}")
+
+
+def _check_number(name: str, value: Any, ok, requirement: str) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not ok(value):
+        raise ValueError(f"{name} must {requirement}, got {value!r}")
+
+
+def _erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:
+    """Erdős–Rényi-kernel densities: d_l = ε (Σ dims) / (Π dims), capped at 1, with ε chosen so that
+    Σ d_l n_l = density × Σ n_l (layers that would exceed 1 are made dense and ε is solved again)."""
+    budget = density * sum(shape.numel() for shape in shapes.values())
+    score = {name: sum(shape) / shape.numel() for name, shape in shapes.items()}
+    full: set[str] = set()
+    while True:
+        rest = budget - sum(shapes[name].numel() for name in full)
+        free = [name for name in shapes if name not in full]
+        scale = rest / sum(score[name] * shapes[name].numel() for name in free) if free else 0.0
+        over = [name for name in free if scale * score[name] > 1]
+        if not over:
+            return {name: 1.0 if name in full else scale * score[name] for name in shapes}
+        full.update(over)
+
+
+def _dense_sites(model: BayesianNetwork, dense_layers: Iterable[str] | str) -> set[str]:
+    """Resolve ``dense_layers`` (site names or "first") to site names; ValueError on anything else."""
+    specs = [dense_layers] if isinstance(dense_layers, str) else list(dense_layers)
+    dense = set()
+    for spec in specs:
+        if spec == "first":
+            first = next(iter(model.sites.values()))
+            layer = model.net.get_submodule(first.module_path)
+            if isinstance(layer, nn.modules.conv._ConvNd):
+                dense.add(first.name)
+        elif spec in model.sites:
+            dense.add(spec)
+        else:
+            raise ValueError(f"dense_layers: unknown layer {spec!r}; use \"first\" or site names {list(model.sites)}")
+    return dense
+
+
+def _reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], slots) -> None:
+    """Zero Adam's moment estimates (exp_avg, exp_avg_sq, max_exp_avg_sq) at ``slots``; keep ``step``."""
+    for param in params:
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state:
+                state[key][slots] = 0.0
