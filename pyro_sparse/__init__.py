@@ -1,9 +1,10 @@
 """pyro-sparse: sparse Bayesian neural networks in Pyro."""
 
-from . import data, distributions, guides, likelihoods, metrics, nets, priors
+from . import data, distributions, guides, likelihoods, metrics, nets, plots, priors, sparse
 from .evaluation import evaluate
-from .guides import MeanField
+from .guides import MeanField, SNRPruned, SparseSubspace
 from .infer import History, TrainingState, fit
+from .infer.em import em_sghmc, sample_sghmc
 from .model import BayesianNetwork
 from .posterior import Posterior
 
@@ -14,14 +15,20 @@ __all__ = [
     "History",
     "MeanField",
     "Posterior",
+    "SNRPruned",
+    "SparseSubspace",
     "TrainingState",
     "data",
     "distributions",
+    "em_sghmc",
     "evaluate",
     "fit",
     "guides",
     "likelihoods",
     "metrics",
     "nets",
+    "plots",
     "priors",
+    "sample_sghmc",
+    "sparse",
 ]

@@ -1,9 +1,10 @@
 """Posterior: draws of a model's Bayesian weights, from a guide or from stored samples, and the
-posterior predictive computed from them."""
+posterior predictive computed from them; ``to_arviz`` hands the draws to ArviZ."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +19,13 @@ class Posterior:
 
     Build with ``Posterior.from_guide(model, guide)`` (fresh draws from q on demand) or
     ``Posterior.from_samples(model, samples)`` (stored draws, e.g. from a sampler).
+
+    Attributes:
+        num_stored: the number of stored draws (None for a guide).
+        num_chains: chains the stored draws come from (1 for a guide).
+        samples: name -> (S, ...) stored draws, chain-major (empty for a guide).
+        sample_stats: name -> (chains, draws) per-draw statistics of a sampler ("lp", "sparsity", ...).
+        hyperparameters: name -> (chains, draws) prior hyperparameters per draw (EM samplers).
     """
 
     def __init__(
@@ -26,11 +34,17 @@ class Posterior:
         draw: Callable[[int], Iterator[WeightDraw]],
         active_counts: Callable[[], dict[str, int]],
         num_stored: int | None = None,
+        guide: MeanField | None = None,
     ):
         self.model = model
         self._draw = draw
         self._active_counts = active_counts
         self.num_stored = num_stored
+        self.guide = guide
+        self.num_chains = 1
+        self.samples: dict[str, torch.Tensor] = {}
+        self.sample_stats: dict[str, torch.Tensor] = {}
+        self.hyperparameters: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_guide(cls, model: BayesianNetwork, guide: MeanField) -> Posterior:
@@ -38,27 +52,64 @@ class Posterior:
             for _ in range(num_samples):
                 yield guide.sample_weights()
 
-        return cls(model, draw, guide.active_counts)
+        return cls(model, draw, guide.active_counts, guide=guide)
 
     @classmethod
-    def from_samples(cls, model: BayesianNetwork, samples: Mapping[str, torch.Tensor]) -> Posterior:
-        """``samples``: site name -> tensor (S, *site shape) of stored draws."""
+    def from_samples(
+        cls,
+        model: BayesianNetwork,
+        samples: Mapping[str, torch.Tensor],
+        chains: int = 1,
+        sample_stats: Mapping[str, torch.Tensor] | None = None,
+        hyperparameters: Mapping[str, torch.Tensor] | None = None,
+    ) -> Posterior:
+        """Stored draws.
+
+        Args:
+            samples: site name -> tensor (S, *site shape); samplers may add the model's deterministic
+                parameters by model path ("net.0.bias", ...), which then change with each draw too.
+                S = chains × draws, chain-major. S = 0 gives an empty posterior (its use is an error).
+            chains: how many chains the S draws come from.
+            sample_stats, hyperparameters: name -> (chains, draws) per-draw values (see the class).
+
+        ``draws(n)`` with n < S picks n draws evenly spread over all chains. ``active_counts`` counts
+        the non-zero weights per site of the draw with the most of them (what one forward pass costs;
+        chains may prune different weights).
+        """
         missing = set(model.sites) - set(samples)
         if missing:
             raise ValueError(f"samples lack the Bayesian sites {sorted(missing)}")
         sizes = {len(value) for value in samples.values()}
-        if len(sizes) != 1 or 0 in sizes:
-            raise ValueError(f"samples must hold the same positive number of draws per site, got {sorted(sizes)}")
+        if len(sizes) != 1:
+            raise ValueError(f"samples must hold the same number of draws per site, got {sorted(sizes)}")
         stored = sizes.pop()
+        if int(chains) != chains or chains < 1 or stored % chains:
+            raise ValueError(f"chains must be a positive integer dividing the {stored} draws, got {chains!r}")
+        samples = dict(samples)
 
         def draw(num_samples: int) -> Iterator[WeightDraw]:
-            for i in range(min(num_samples, stored)):
+            if stored == 0:
+                raise ValueError("the posterior is empty: it holds no draws")
+            if num_samples >= stored:
+                indices = range(stored)
+            else:
+                indices = torch.linspace(0, stored - 1, num_samples).round().long().tolist()
+            for i in indices:
                 yield {name: value[i] for name, value in samples.items()}
 
         def active_counts() -> dict[str, int]:
-            return {name: int((value != 0).any(0).sum()) for name, value in samples.items()}
+            if stored == 0:
+                return {name: 0 for name in model.sites}
+            per_draw = {name: (samples[name] != 0).reshape(stored, -1).sum(1) for name in model.sites}
+            largest = int(torch.stack(list(per_draw.values())).sum(0).argmax())
+            return {name: int(counts[largest]) for name, counts in per_draw.items()}
 
-        return cls(model, draw, active_counts, num_stored=stored)
+        posterior = cls(model, draw, active_counts, num_stored=stored)
+        posterior.num_chains = int(chains)
+        posterior.samples = samples
+        posterior.sample_stats = dict(sample_stats or {})
+        posterior.hyperparameters = dict(hyperparameters or {})
+        return posterior
 
     def draws(self, num_samples: int) -> Iterator[WeightDraw]:
         """Up to ``num_samples`` weight draws (all stored ones at most)."""
@@ -69,6 +120,14 @@ class Posterior:
     def active_counts(self) -> dict[str, int]:
         """Site name -> number of weights that are not exactly zero."""
         return self._active_counts()
+
+    def _outputs(self, weights: WeightDraw, x: torch.Tensor) -> torch.Tensor:
+        from .infer.sghmc import substituted_parameters  # deterministic parameters stored per draw
+
+        sites = {name: value for name, value in weights.items() if name in self.model.sites}
+        others = {name: value for name, value in weights.items() if name not in self.model.sites}
+        with substituted_parameters(self.model, others):
+            return self.model.apply(x, sites)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
@@ -82,7 +141,7 @@ class Posterior:
         try:
             outputs = []
             for weights in self.draws(num_samples):
-                chunks = [self.model.apply(x[i : i + batch_size].to(device), weights).cpu()
+                chunks = [self._outputs(weights, x[i : i + batch_size].to(device)).cpu()
                           for i in range(0, len(x), batch_size)]
                 outputs.append(torch.cat(chunks))
         finally:
@@ -92,3 +151,32 @@ class Posterior:
     def predict_proba(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
         """Posterior predictive class probabilities averaged over draws: (N, C)."""
         return self.predict(x, num_samples, batch_size).softmax(-1).mean(0)
+
+    def evaluate(self, data, num_samples: int = 32, batch_size: int = 1024) -> dict[str, Any]:
+        """``ps.evaluate(self.model, self, data, ...)``: accuracy, NLL, ECE, ..., sparsity, FLOPs."""
+        from .evaluation import evaluate
+
+        return evaluate(self.model, self, data, num_samples=num_samples, batch_size=batch_size)
+
+    def to_arviz(
+        self,
+        data=None,
+        var_names: Sequence[str] | None = None,
+        max_weights: int = 16,
+        num_draws: int = 100,
+        batch_size: int = 1024,
+    ):
+        """An ArviZ ``InferenceData`` of the draws (dims chain, draw): see ``inference_data.build``.
+
+        Args:
+            data: (x, y) (or a TensorDataset / Dataset's test split): adds ``log_likelihood`` (pointwise
+                log p(y_i | x_i, w) per draw) and ``observed_data``; None leaves them out.
+            var_names: the posterior variables to keep ("inclusion", "slab_scale", "spike_scale",
+                "weight"); None keeps all.
+            max_weights: how many weights to show: the largest |posterior mean| among the active ones.
+            num_draws: draws taken from a guide (one chain); stored draws are all used.
+        """
+        from .inference_data import build
+
+        return build(self, data=data, var_names=var_names, max_weights=max_weights, num_draws=num_draws,
+                     batch_size=batch_size)

@@ -172,6 +172,53 @@ class SpikeAndSlab(Prior):
             total_softplus, active = torch.dot(per_weight.reshape(-1), mask.reshape(-1)), mask.sum()
         return -total_softplus - active * (0.5 + offset_spike), slope
 
+    # -- EM (Deng et al., 2019): the E-step is ``inclusion_probability``; these are the M-step side --
+    def adaptive_precision(self, inclusion: torch.Tensor) -> torch.Tensor:
+        """Per-weight precision ρ/σ₁² + (1 − ρ)/σ₀² of the adaptive L2 prior, for inclusion
+        probabilities ρ (any shape): −λ w is the prior gradient EM-SGHMC samples with."""
+        slab, spike = self.slab_scale.pow(-2), self.spike_scale.pow(-2)
+        return torch.lerp(spike.expand_as(inclusion), slab.expand_as(inclusion), inclusion)
+
+    @torch.no_grad()
+    def m_step(
+        self,
+        inclusion: torch.Tensor,
+        weight: torch.Tensor,
+        rate: float = 1.0,
+        beta_prior: tuple[float, float] = (1.0, 1.0),
+        slab_prior: tuple[float, float] = (1.0, 1.0),
+        spike_prior: tuple[float, float] | None = None,
+    ) -> dict[str, float]:
+        """M-step: move the hyperparameters (in place) a fraction ``rate`` towards their MAP values.
+
+        Args:
+            inclusion: ρ, the E-step's inclusion probabilities (any shape; removed weights carry
+                ρ = 0 and w = 0, so they count as spike).
+            weight: w, the same shape.
+            rate: the stochastic-approximation weight ω ∈ (0, 1] (1 = jump to the MAP values).
+            beta_prior: (a, b) of the Beta prior on π: π* = (Σρ + a − 1) / (p + a + b − 2).
+            slab_prior: (α, β) of the inverse-gamma prior on σ₁²: σ₁²* = (Σρw² + 2β) / (Σρ + 2α + 2).
+            spike_prior: the same for σ₀² with weights 1 − ρ; None keeps σ₀ fixed.
+
+        π stays inside (0, 1) and σ₁ above σ₀. Returns the new values as floats.
+        """
+        a, b = beta_prior
+        count = float(inclusion.numel())
+        included = inclusion.sum()
+        pi = ((included + a - 1) / (count + a + b - 2)).clamp(1e-6, 1 - 1e-6)
+        second = (weight * weight).reshape(-1)
+        alpha, beta = slab_prior
+        slab_var = (torch.dot(inclusion.reshape(-1), second) + 2 * beta) / (included + 2 * alpha + 2)
+        if spike_prior is not None:
+            alpha0, beta0 = spike_prior
+            spike_var = (torch.dot(1 - inclusion.reshape(-1), second) + 2 * beta0) / (count - included + 2 * alpha0 + 2)
+            self.spike_scale.lerp_(spike_var.sqrt().to(self.spike_scale), rate)
+        self.inclusion.lerp_(pi.to(self.inclusion), rate)
+        self.slab_scale.lerp_(slab_var.sqrt().to(self.slab_scale), rate)
+        self.slab_scale.clamp_(min=float(self.spike_scale) * 1.01)
+        return {"inclusion": float(self.inclusion), "slab_scale": float(self.slab_scale),
+                "spike_scale": float(self.spike_scale)}
+
     def extra_repr(self) -> str:
         return (
             f"slab_scale={float(self.slab_scale):g}, spike_scale={float(self.spike_scale):g}, "
@@ -188,3 +235,4 @@ def build(name: str, **kwargs) -> Prior:
     if key not in PRIORS:
         raise ValueError(f"unknown prior {name!r}; choose one of: {', '.join(sorted(PRIORS))}")
     return PRIORS[key](**kwargs)
+

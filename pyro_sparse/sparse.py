@@ -92,27 +92,29 @@ class SparseLinear(nn.Module):
         return self._cache[1]
 
     def _gather(self, flat: torch.Tensor) -> torch.Tensor:
-        """x Wᵀ for x (B, in), one ``embedding_bag`` per block of BLOCK examples: (B, out).
+        """x Wᵀ + b for x (B, in), one ``embedding_bag`` per block of BLOCK examples: (B, out).
 
+        The result is computed as (out, B) and returned transposed: the bias is added while it is
+        contiguous, and the next SparseLinear reads its blocks of xᵀ without a transposing copy.
         In ``torch.export`` (a symbolic batch size) the whole batch is one block.
         """
         columns, offsets = self.columns.long(), self.row_offsets[:-1].long()
         blocks = [flat] if torch.compiler.is_exporting() else flat.split(self.BLOCK)
-        return torch.cat([
+        out = torch.cat([
             F.embedding_bag(columns, block.t().contiguous(), offsets, mode="sum", per_sample_weights=self.values)
             for block in blocks
-        ], 1).t()
+        ], 1)
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         exporting = torch.compiler.is_exporting()
         if self.gather_min_batch is None or (not exporting and flat.shape[0] < self.gather_min_batch):
             weight = self.dense_weight() if exporting else self._cached_dense_weight()
-            return F.linear(x, weight, self.bias)
-        out = self._gather(flat)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+            return F.linear(x.contiguous(), weight, self.bias)  # a transposed x (from _gather) is slow in BLAS
+        return self._gather(flat).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.out_features * self.in_features)
@@ -185,8 +187,8 @@ def _posterior_weights(model: BayesianNetwork, posterior: MeanField | Posterior,
             raise ValueError("export needs a guide or a Posterior of stored samples (Posterior.from_samples)")
         draws = list(posterior.draws(posterior.num_stored))
         masks = {name: torch.stack([d[name] for d in draws]).ne(0).any(0) for name in model.sites}
-        if mode == "mean":
-            return [{name: torch.stack([d[name] for d in draws]).mean(0) for name in model.sites}], masks
+        if mode == "mean":  # sites, and the deterministic parameters a sampler stored per draw ("net.0.bias")
+            return [{name: torch.stack([d[name] for d in draws]).mean(0) for name in draws[0]}], masks
         return draws[:num_samples], masks
 
 
@@ -197,10 +199,13 @@ def _plain_network(model: BayesianNetwork, weights: Mapping[str, torch.Tensor]) 
         if isinstance(module, LocalReparameterization):
             module.__class__ = module._base_class
     for name, value in weights.items():
-        site = model.sites[name]
-        module = net.get_submodule(site.module_path)
-        del module._buffers[site.attribute]
-        module.register_parameter(site.attribute, nn.Parameter(value.detach().clone(), requires_grad=False))
+        if name in model.sites:
+            site = model.sites[name]
+            module = net.get_submodule(site.module_path)
+            del module._buffers[site.attribute]
+            module.register_parameter(site.attribute, nn.Parameter(value.detach().clone(), requires_grad=False))
+        elif name.startswith("net."):  # a deterministic parameter of the network, stored per draw
+            net.get_parameter(name.removeprefix("net.")).data.copy_(value)
     for param in net.parameters():
         param.requires_grad_(False)
     return net.eval()
@@ -244,7 +249,7 @@ def _gather_crossover(layer: SparseLinear, largest: int) -> int | None:
     for size in sizes:
         x = torch.randn(size, layer.in_features, device=layer.values.device)
         gather = _median_seconds(lambda x=x: layer._gather(x))
-        dense = _median_seconds(lambda x=x: F.linear(x, layer._cached_dense_weight()))
+        dense = _median_seconds(lambda x=x: F.linear(x, layer._cached_dense_weight(), layer.bias))
         if gather < dense:
             return size
     return None

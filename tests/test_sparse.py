@@ -165,3 +165,15 @@ def test_sparse_export_of_an_unpruned_guide_is_an_error(digits):
     assert isinstance(export(model, guide, layout="auto")[1], nn.Linear)  # auto: nothing to sparsify
     with pytest.raises(ValueError, match="stored samples"):
         export(model, ps.Posterior.from_guide(model, guide))
+
+
+def test_export_of_an_em_sghmc_posterior_matches_its_predictions(digits):
+    prior = ps.priors.SpikeAndSlab(1.0, 0.001, 0.5)
+    model = ps.BayesianNetwork(ps.nets.mlp(64, (32,), 10), prior=prior, dataset_size=len(digits.train))
+    result = ps.em_sghmc(model, digits.train, target_sparsity=0.8, chains=2, samples=2, epochs=3, seed=0)
+    posterior, x = result.posterior, digits.test.tensors[0][:50]
+    ensemble = export(model, posterior, mode="samples", num_samples=posterior.num_stored, layout="sparse")
+    assert torch.allclose(ensemble(x), posterior.predict(x, num_samples=posterior.num_stored), atol=1e-4)
+    pruned = [int((layer.dense_weight() == 0).sum()) for layer in ensemble.members[0].modules()
+              if isinstance(layer, SparseLinear)]
+    assert sum(pruned) >= 0.79 * model.num_weights

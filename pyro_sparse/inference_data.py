@@ -1,0 +1,167 @@
+"""ArviZ ``InferenceData`` from a ``Posterior`` (the one place that builds it; ArviZ is an optional extra).
+
+Groups (dims ``chain``, ``draw``):
+
+- ``posterior``: the prior hyperparameters per draw where a sampler recorded them ("inclusion" π,
+  "slab_scale" σ₁, "spike_scale" σ₀; constant ones are left out) and "weight" (dim ``weight_name``):
+  the ``max_weights`` weights of largest |posterior mean| among those non-zero in every draw, named
+  like ``"1.weight[3, 5]"``;
+- ``sample_stats``: the sampler's per-draw "lp" (log joint), "sparsity", "step_size"; for a guide,
+  "sparsity" and, given data, "lp" (log-likelihood of the data plus log prior of the draw);
+- ``log_likelihood``: "y" (dim ``example``), log p(y_i | x_i, w) per draw on the given data;
+- ``observed_data``: "y".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .data import as_tensors
+
+if TYPE_CHECKING:
+    from .posterior import Posterior
+
+HYPERPARAMETERS = ("inclusion", "slab_scale", "spike_scale")
+
+
+def import_arviz():
+    """``import arviz``, or an ImportError saying how to install it."""
+    try:
+        import arviz
+    except ImportError as error:
+        raise ImportError(
+            "ArviZ is needed for posterior diagnostics: pip install pyro-sparse[arviz]"
+        ) from error
+    return arviz
+
+
+def _stored_draws(posterior: Posterior, num_draws: int) -> tuple[dict[str, torch.Tensor], int]:
+    """name -> (S, ...) draws and the number of chains."""
+    if posterior.num_stored is not None:
+        if posterior.num_stored == 0:
+            raise ValueError("cannot convert an empty posterior to ArviZ: it holds no draws")
+        return posterior.samples, posterior.num_chains
+    if int(num_draws) != num_draws or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    draws = list(posterior.draws(int(num_draws)))
+    return {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]}, 1
+
+
+def _chosen_weights(posterior: Posterior, draws: dict[str, torch.Tensor], max_weights: int
+                    ) -> tuple[list[str], torch.Tensor]:
+    """The names and (S, K) values of the ``max_weights`` active weights of largest |mean|."""
+    candidates = []
+    for name in posterior.model.sites:
+        values = draws[name].detach().reshape(len(draws[name]), -1).float()
+        score = values.mean(0).abs().masked_fill(~(values != 0).all(0), -1.0)  # active in every draw
+        top = torch.topk(score, min(max_weights, score.numel()))
+        candidates += [(float(s), name, int(i)) for s, i in zip(top.values, top.indices, strict=True) if s >= 0]
+    candidates.sort(key=lambda item: -item[0])
+    chosen = candidates[:max_weights]
+    names, columns = [], []
+    for _, name, index in chosen:
+        shape = posterior.model.sites[name].shape
+        position = ", ".join(str(int(i)) for i in np.unravel_index(index, tuple(shape)))
+        names.append(f"{name}[{position}]")
+        columns.append(draws[name].reshape(len(draws[name]), -1)[:, index])
+    values = torch.stack(columns, 1) if columns else torch.zeros(len(next(iter(draws.values()))), 0)
+    return names, values
+
+
+@torch.no_grad()
+def _pointwise_log_likelihood(posterior: Posterior, draws: dict[str, torch.Tensor], x: torch.Tensor,
+                              y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(S, N): log p(y_i | x_i, w_s)."""
+    model = posterior.model
+    device = next(iter(model.net.buffers())).device
+    was_training = model.training
+    model.eval()
+    try:
+        rows = []
+        for s in range(len(next(iter(draws.values())))):
+            weights = {name: value[s].to(device) for name, value in draws.items()}
+            chunks = []
+            for i in range(0, len(x), batch_size):
+                output = posterior._outputs(weights, x[i: i + batch_size].to(device))
+                chunks.append(model.likelihood.log_prob(output, y[i: i + batch_size].to(device)).cpu())
+            rows.append(torch.cat(chunks))
+    finally:
+        model.train(was_training)
+    return torch.stack(rows)
+
+
+def build(
+    posterior: Posterior,
+    data=None,
+    var_names: Sequence[str] | None = None,
+    max_weights: int = 16,
+    num_draws: int = 100,
+    batch_size: int = 1024,
+):
+    """The InferenceData of ``posterior`` (see the module docstring and ``Posterior.to_arviz``)."""
+    az = import_arviz()
+    if int(max_weights) != max_weights or max_weights < 0:
+        raise ValueError(f"max_weights must be an integer >= 0, got {max_weights!r}")
+    draws, chains = _stored_draws(posterior, num_draws)
+    total = len(next(iter(draws.values())))
+    per_chain = total // chains
+
+    def shaped(values: torch.Tensor | np.ndarray) -> np.ndarray:
+        array = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        return array.reshape(chains, per_chain, *array.shape[1:])
+
+    variables: dict[str, np.ndarray] = {}
+    for name in HYPERPARAMETERS:
+        values = posterior.hyperparameters.get(name)
+        if values is not None and float(values.max() - values.min()) > 0:
+            variables[name] = values.detach().cpu().double().numpy().reshape(chains, per_chain)
+    names, weights = _chosen_weights(posterior, draws, int(max_weights))
+    if names:
+        variables["weight"] = shaped(weights)
+    if var_names is not None:
+        unknown = set(var_names) - {*HYPERPARAMETERS, "weight"}
+        if unknown:
+            raise ValueError(f"var_names: unknown variables {sorted(unknown)}; choose from "
+                             f"{[*HYPERPARAMETERS, 'weight']}")
+        variables = {name: value for name, value in variables.items() if name in var_names}
+    if not variables:
+        raise ValueError("nothing to put in the posterior group: no varying hyperparameters and no weights chosen")
+
+    stats = {name: value.detach().cpu().double().numpy().reshape(chains, per_chain)
+             for name, value in posterior.sample_stats.items()}
+    if "sparsity" not in stats:
+        zeros = sum((draws[name].reshape(total, -1) == 0).sum(1) for name in posterior.model.sites)
+        stats["sparsity"] = shaped(zeros.double() / posterior.model.num_weights)
+
+    groups: dict[str, Any] = {}
+    if data is not None:
+        x, y = as_tensors(getattr(data, "test", data))
+        posterior.model.check_batch(x, y)
+        pointwise = _pointwise_log_likelihood(posterior, draws, x, y, batch_size)
+        groups["log_likelihood"] = {"y": shaped(pointwise)}
+        groups["observed_data"] = {"y": y.cpu().numpy()}
+        if "lp" not in stats:
+            log_prior = sum(posterior.model.prior.log_prob(draws[name].float()).reshape(total, -1).sum(1)
+                            for name in posterior.model.sites)
+            stats["lp"] = shaped(pointwise.sum(1) + log_prior)
+    return az.from_dict(
+        posterior=variables,
+        sample_stats=stats,
+        coords={"weight_name": names},
+        dims={"weight": ["weight_name"], "y": ["example"]},
+        **groups,
+    )
+
+
+def diagnostics(idata) -> dict[str, float]:
+    """``r_hat_max`` and ``ess_bulk_min`` over every posterior variable (NaN-free where defined)."""
+    az = import_arviz()
+    summary = az.summary(idata, kind="diagnostics")
+    r_hat = summary["r_hat"].dropna()
+    ess = summary["ess_bulk"].dropna()
+    return {"r_hat_max": float(r_hat.max()) if len(r_hat) else float("nan"),
+            "ess_bulk_min": float(ess.min()) if len(ess) else float("nan")}

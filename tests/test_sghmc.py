@@ -1,0 +1,133 @@
+"""SGHMC: the sampler against an exact conjugate posterior, pruning, schedules, state, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pyro_sparse as ps
+from pyro_sparse.infer.sghmc import constant, cyclical_cosine, sghmc
+
+N, D, NOISE, PRIOR = 200, 3, 0.5, 1.0
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """Bayesian linear regression with a known noise: its exact Gaussian posterior."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + NOISE * torch.randn(N, generator=gen)
+    precision = x.T @ x / NOISE**2 + torch.eye(D) / PRIOR**2
+    cov = torch.linalg.inv(precision)
+    return x, y, cov @ x.T @ y / NOISE**2, cov.diag()
+
+
+def _draws(sampler, state, batch, steps=6000, burn=1000, thin=2):
+    draws = []
+    for k in range(steps):
+        state = sampler.step(state, batch)
+        if k >= burn and k % thin == 0:
+            draws.append(state.position.clone())
+    return torch.stack(draws)
+
+
+def _assert_matches(draws, mean, var):
+    assert ((draws.mean(0) - mean).abs() / var.sqrt()).max() < 0.15
+    ratio = draws.var(0) / var
+    assert ratio.min() > 0.75 and ratio.max() < 1.3, ratio
+
+
+def test_log_joint_function_samples_the_exact_posterior(regression):
+    x, y, mean, var = regression
+
+    def log_joint(params, batch):
+        xb, yb = batch
+        w = params["w"]
+        return -(N / len(xb)) * 0.5 * ((yb - xb @ w) ** 2).sum() / NOISE**2 - 0.5 * (w**2).sum() / PRIOR**2
+
+    sampler = sghmc(log_joint, step_size=0.02, friction=0.1, dataset_size=N, preconditioner=False, noise="gaussian")
+    state = sampler.init({"w": torch.zeros(D)}, seed=1)
+    _assert_matches(_draws(sampler, state, (x, y)), mean, var)
+
+
+def test_bayesian_network_with_preconditioner_samples_the_exact_posterior(regression):
+    x, y, mean, var = regression
+    model = ps.BayesianNetwork(nn.Linear(D, 1, bias=False), prior=ps.priors.Gaussian(PRIOR),
+                               likelihood=ps.likelihoods.Gaussian(NOISE), dataset_size=N)
+    sampler = sghmc(model, step_size=2e-3, friction=0.1, burn_in=1000)  # RMSprop preconditioner, Rademacher noise
+    state = sampler.init(seed=2)
+    assert [name for name, _ in state.layout] == ["weight"]
+    draws = _draws(sampler, state, (x, y))
+    _assert_matches(draws, mean, var)
+    frozen = state.preconditioner.clone()
+    state = sampler.step(state, (x, y))  # the preconditioner is frozen after burn-in
+    assert torch.equal(state.preconditioner, frozen) and not torch.all(frozen == frozen[0])
+
+
+def test_pruned_coordinates_stay_exactly_zero(digits):
+    model = ps.BayesianNetwork(ps.nets.mlp(64, (32,), 10), dataset_size=len(digits.train))
+    sampler = sghmc(model, step_size=1e-3, burn_in=5)
+    state = sampler.init(seed=0)
+    x, y = digits.train.tensors
+    keep = torch.rand(state.position.shape) > 0.5
+    sampler.prune(state, keep)
+    for k in range(10):
+        state = sampler.step(state, (x[k * 64: (k + 1) * 64], y[k * 64: (k + 1) * 64]))
+    assert torch.all(state.position[~keep] == 0) and torch.all(state.momentum[~keep] == 0)
+    assert torch.all(state.position[keep] != 0)
+    assert set(state.params) == {"1.weight", "3.weight", "net.1.bias", "net.3.bias"}
+    assert state.params["1.weight"].shape == (32, 64)
+
+
+def test_state_dict_resumes_exactly(digits):
+    model = ps.BayesianNetwork(ps.nets.mlp(64, (16,), 10), dataset_size=len(digits.train))
+    sampler = sghmc(model, step_size=cyclical_cosine(1e-3, 7), burn_in=4)
+    x, y = digits.train.tensors[0][:64], digits.train.tensors[1][:64]
+    state = sampler.init(seed=3)
+    for _ in range(5):
+        sampler.step(state, (x, y))
+    saved = {key: value.clone() if isinstance(value, torch.Tensor) else value
+             for key, value in state.state_dict().items()}
+    for _ in range(5):
+        sampler.step(state, (x, y))
+    other = sampler.init(seed=99)
+    other.load_state_dict(saved)
+    for _ in range(5):
+        sampler.step(other, (x, y))
+    assert torch.equal(other.position, state.position) and other.step == state.step == 10
+
+
+def test_schedules():
+    schedule = cyclical_cosine(0.1, 10)
+    assert schedule(0) == pytest.approx(0.1) and schedule(5) == pytest.approx(0.05) and schedule(10) == 0.1
+    assert schedule(9) < 0.01
+    assert constant(0.3)(1234) == 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"step_size": 0.0}, "step_size must be a number > 0"),
+        ({"step_size": -1e-3}, "step_size must be a number > 0"),
+        ({"step_size": math.nan}, "step_size must be a number > 0"),
+        ({"friction": 0.0}, "friction must lie in"),
+        ({"friction": 1.5}, "friction must lie in"),
+        ({"temperature": 0.0}, "temperature must be"),
+        ({"burn_in": -1}, "burn_in must be"),
+        ({"noise": "uniform"}, "noise must be"),
+    ],
+)
+def test_bad_input_is_one_clear_error(kwargs, message):
+    model = ps.BayesianNetwork(nn.Linear(3, 1), dataset_size=10)
+    with pytest.raises(ValueError, match=message):
+        sghmc(model, **{"step_size": 1e-3, **kwargs})
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match="step_size must be a number > 0"):
+        cyclical_cosine(0.0, 10)
+    with pytest.raises(ValueError, match="cycle_length must be a positive integer"):
+        cyclical_cosine(0.1, 0)
