@@ -82,19 +82,20 @@ def substituted_weights(
 ) -> Iterator[None]:
     """Within the block, ``layers[name] = (module, attribute)`` holds ``weights[name]``.
 
-    The attribute must be a buffer of the module (as ``BayesianNetwork`` makes every Bayesian
-    parameter); gradients flow from the output to the substituted tensors.
+    The attribute is a buffer of the module (as ``BayesianNetwork`` makes every Bayesian parameter)
+    or one of its parameters; gradients flow from the output to the substituted tensors.
     """
     saved = []
     try:
         for name, value in weights.items():
             module, attribute = layers[name]
-            saved.append((module, attribute, module._buffers[attribute]))
-            module._buffers[attribute] = value
+            store = module._buffers if attribute in module._buffers else module._parameters
+            saved.append((store, attribute, store[attribute]))
+            store[attribute] = value
         yield
     finally:
-        for module, attribute, original in reversed(saved):
-            module._buffers[attribute] = original
+        for store, attribute, original in reversed(saved):
+            store[attribute] = original
 
 
 @contextlib.contextmanager

@@ -30,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..layers import substituted_weights
 from ..model import BayesianNetwork
 from ..priors import Gaussian
 
@@ -141,20 +142,13 @@ class SGHMCState:
 # ----------------------------------------------------------------------------------------------
 # Running a BayesianNetwork with given parameter values
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def substituted_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def substituted_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager:
     """Within the block, the (deterministic) ``nn.Parameter`` s at paths ``values`` hold those tensors."""
-    saved = []
-    try:
-        for path, value in values.items():
-            module_path, _, attribute = path.rpartition(".")
-            module = model.get_submodule(module_path)
-            saved.append((module, attribute, module._parameters[attribute]))
-            module._parameters[attribute] = value
-        yield
-    finally:
-        for module, attribute, original in reversed(saved):
-            module._parameters[attribute] = original
+    slots = {}
+    for path in values:
+        module_path, _, attribute = path.rpartition(".")
+        slots[path] = (model.get_submodule(module_path), attribute)
+    return substituted_weights(slots, values)
 
 
 def network_parameters(model: BayesianNetwork) -> dict[str, torch.Tensor]:
