@@ -24,7 +24,7 @@ demo: $(VENV)/.installed-base
 	$(BIN)/pyro-sparse demo --out runs/demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check pyro_sparse tests benchmarks
+	$(BIN)/ruff check .
 	PYRO_SPARSE_SMOKE=1 $(BIN)/python -m pytest -q tests
 
 lint: $(VENV)/.installed-test
