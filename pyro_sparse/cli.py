@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -25,10 +26,13 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors
+from .errors import TrainingDiverged
 from .evaluation import evaluate, summarize
 from .infer.svi import History
 from .model import BayesianNetwork
-from .recipes import CHECKPOINT, TrainedRun, recipe
+from .recipes import CHECKPOINT, CHECKPOINT_FILES, TrainedRun, recipe
+from .run_folder import RunFolder, check_writable, existing_outputs, remove_outputs
+from .run_options import METHOD_OPTIONS, flag, resume_changes
 
 
 class UsageError(ValueError):
@@ -103,78 +107,164 @@ def load_dataset(config: dict[str, Any]) -> datasets.Dataset:
 # 0.01 are not pruned but held near zero, and lenet5 underfits (benchmarks/em_sghmc.py).
 DEFAULT_SPIKE_SCALE = {"em-sghmc": 0.001}
 
-# Method-specific command-line options: the CLI rejects those the chosen method does not read.
-METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "finetune_lr", "update_every")
+# Defaults of options that only some methods read (None in the parser, so that the others can refuse them).
+METHOD_DEFAULTS: dict[str, Any] = {"kl_weight": 1.0, "warmup_epochs": 0}
+PRIORS = ("gaussian", "spike-slab")  # the first is the default; a recipe's PRIORS narrows the choice
+
+SEED_LIMIT = 2**32  # --seed in [0, 2^32), as numpy and scikit-learn take it
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that it is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    text = json.dumps(strict_json(record), indent=2, allow_nan=False) + "\n"
+    checkpoints.atomic_write_bytes(path, text.encode())
 
 
 def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, config: dict[str, Any],
             out: Path) -> dict[str, Any]:
     x_test, y_test = datasets.as_tensors(dataset.test)
-    model.check_batch(x_test, y_test)
     outputs = run.posterior.predict(x_test, num_samples=config["samples"])  # one set of draws: metrics and plot
     results = summarize(model, run.posterior, outputs, x_test, y_test)
     history = run.history
     record = {
         "method": config["method"], "net": config["net"], "data": config["data"], "epochs": config["epochs"],
         "seed": config["seed"], "prior": config["prior"], "batch_size": config["batch_size"], "lr": config["lr"],
-        "kl_weight": config["kl_weight"], "warmup_epochs": config["warmup_epochs"],
+        **{key: config[key] for key in ("kl_weight", "warmup_epochs") if config.get(key) is not None},
         "num_samples": config["samples"],
         **results,
         "train_flops": run.train_flops,
         "train_seconds": history[-1]["seconds"] if history else 0.0,
         **run.metrics,
     }
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    if config.get("resume_changes"):
+        record["resume_changes"] = list(config["resume_changes"])
+    _write_json(out / "metrics.json", record)
     if model.likelihood.task == "classification":
         probs = outputs.softmax(-1).mean(0)
         title = f"{config['method']} {config['net']} {config['data']}: ECE {results['ece']:.3f}"
         plots.reliability_diagram(metrics.reliability(probs, y_test), out / "reliability.png", title=title)
-    return record
+    return strict_json(record)
+
+
+def check_config(config: dict[str, Any]) -> ModuleType:
+    """Check the options against each other (after argparse checked each one); returns the recipe.
+
+    Fills the defaults that depend on the method and makes ``--data-root`` absolute, so that the
+    stored configuration rebuilds the run from any working directory.
+    """
+    method = recipe(config["method"])
+    check_device(config["device"])
+    kl_weight = config.get("kl_weight")
+    if kl_weight is not None and (not math.isfinite(kl_weight) or kl_weight < 0):
+        raise UsageError(f"--kl-weight must be a number >= 0, got {kl_weight}")
+    if not 0 <= config["seed"] < SEED_LIMIT:
+        raise UsageError(f"--seed must be an integer in [0, 2^32), got {config['seed']}")
+    if config.get("resume") and config.get("overwrite"):
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    for option in METHOD_OPTIONS:
+        if config.get(option) is not None and option not in method.OPTIONS:
+            raise UsageError(f"{flag(option)} does not apply to --method {config['method']}")
+    priors_allowed = getattr(method, "PRIORS", PRIORS)
+    if config.get("prior") is not None and config["prior"] not in priors_allowed:
+        raise UsageError(f"--method {config['method']} needs --prior {' or '.join(priors_allowed)}, "
+                         f"got {config['prior']}")
+    fill_method_defaults(config, method)
+    config["data_root"] = str(datasets.resolve_root(config.get("data_root")).resolve())
+    return method
+
+
+def fill_method_defaults(config: dict[str, Any], method: ModuleType) -> None:
+    """The defaults that depend on --method: the prior, σ₀, and the options only some methods read."""
+    for option, default in METHOD_DEFAULTS.items():
+        if config.get(option) is None and option in method.OPTIONS:
+            config[option] = default
+    if config.get("prior") is None:
+        config["prior"] = getattr(method, "PRIORS", PRIORS)[0]
+    if config.get("spike_scale") is None:
+        config["spike_scale"] = DEFAULT_SPIKE_SCALE.get(config["method"], 0.01)
+
+
+def _latest_checkpoint(method: ModuleType, out: Path) -> Path | None:
+    """The checkpoint of the run's latest phase in ``out`` (recipes with phases list them in order)."""
+    for name in reversed(getattr(method, "CHECKPOINTS", (CHECKPOINT,))):
+        if (out / name).is_file():
+            return out / name
+    return None
+
+
+def _check_earlier_run(method: ModuleType, config: dict[str, Any], out: Path) -> None:
+    """Refuse to touch an earlier run without --resume or --overwrite; compare the options on --resume."""
+    earlier = existing_outputs(out) if out.is_dir() else []
+    if config["resume"]:
+        latest = _latest_checkpoint(method, out)
+        if latest is None:
+            if earlier:
+                raise UsageError(f"--resume: {out} holds no checkpoint to continue from ({', '.join(earlier)}): "
+                                 f"pass --overwrite to start afresh")
+            return
+        saved = checkpoints.load(latest)
+        changes = resume_changes(saved["metadata"], config, method, str(out))
+        config["resume_changes"] = [*saved["metadata"].get("resume_changes", []),
+                                    *(f"{change} from epoch {saved['epoch'] + 1}" for change in changes)]
+    elif earlier and not config.get("overwrite"):
+        raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out")
 
 
 def train(config: dict[str, Any]) -> dict[str, Any]:
-    """Run ``pyro-sparse train`` from its configuration; returns the metrics written to metrics.json."""
-    method = recipe(config["method"])
-    if config.get("spike_scale") is None:
-        config["spike_scale"] = DEFAULT_SPIKE_SCALE.get(config["method"], 0.01)
-    for option in METHOD_OPTIONS:
-        if config.get(option) is not None and option not in method.OPTIONS:
-            raise UsageError(f"--{option.replace('_', '-')} does not apply to --method {config['method']}")
-    out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CHECKPOINT
-    if config["resume"] and path.is_file():
-        saved = checkpoints.load(path)["metadata"]
-        keys = ("method", "net", "data", "prior", "prior_scale", "batch_size", "seed", *METHOD_OPTIONS)
-        changed = [key for key in keys if saved.get(key) != config.get(key)]
-        if changed:
-            raise UsageError(f"--resume: {out} was trained with different {', '.join(changed)}")
-    elif path.is_file() and not config["resume"]:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    """Run ``pyro-sparse train`` from its configuration; returns the metrics written to metrics.json.
 
+    Every check of the input (options, data, network) runs before the output folder is created.
+    """
+    method = check_config(config)
+    out = check_writable(config["out"])
+    _check_earlier_run(method, config, out)
     torch.manual_seed(config["seed"])
     dataset = load_dataset(config)
     model = build_model(config, dataset)
-    run = method.train(config, model, dataset, out)
-    History(run.history).to_csv(out / "history.csv")
-    if run.history and "loss" in run.history[0]:
-        plots.training_curve(run.history, out / "training_curve.png")
-    return _report(model, run, dataset, config, out)
+    for split in (dataset.train, dataset.test):
+        model.check_batch(*datasets.as_tensors(split))
+    with RunFolder(out):
+        if config.get("overwrite"):
+            remove_outputs(out)
+        run = method.train(config, model, dataset, out)
+        History(run.history).to_csv(out / "history.csv")
+        if run.history and "loss" in run.history[0]:
+            plots.training_curve(run.history, out / "training_curve.png")
+        return _report(model, run, dataset, config, out)
 
 
-def evaluate_run(directory: str, samples: int | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run from its checkpoint."""
-    path = Path(directory) / CHECKPOINT
-    if not path.is_file():
+def evaluate_run(directory: str, samples: int | None = None, data_root: str | None = None) -> dict[str, Any]:
+    """Re-evaluate a run from its checkpoint; ``"finished": false`` when training was cut short."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{directory} is not a folder: give a `pyro-sparse train` output folder")
+    latest = next((folder / name for name in CHECKPOINT_FILES if (folder / name).is_file()), None)
+    if latest is None:
         raise FileNotFoundError(f"no {CHECKPOINT} in {directory}: is it a `pyro-sparse train` output folder?")
-    saved = checkpoints.load(path)
-    config = saved["metadata"]
+    saved = checkpoints.load(latest)
+    config = dict(saved["metadata"])
+    if data_root is not None:
+        config["data_root"] = str(Path(data_root).expanduser().resolve())
+    method = recipe(config["method"])
     dataset = load_dataset(config)
     model = build_model(config, dataset)
-    posterior = recipe(config["method"]).restore(config, model, saved)
+    posterior = method.restore(config, model, saved)
     torch.manual_seed(config["seed"])
     results = evaluate(model, posterior, dataset.test, num_samples=samples or config["samples"])
-    return {"method": config["method"], "net": config["net"], "data": config["data"], **results}
+    finished = latest.name == CHECKPOINT and saved.get("epoch", 0) >= saved.get("epochs", 0)
+    return strict_json({"method": config["method"], "net": config["net"], "data": config["data"],
+                        "finished": finished, "epoch": saved.get("epoch"), "checkpoint": latest.name, **results})
 
 
 DEMO_COLUMNS = ("prior", "accuracy", "mean_sample_accuracy", "nll", "ece", "brier", "sparsity", "train_seconds")
@@ -185,8 +275,8 @@ def demo(out: str, epochs: int) -> list[dict[str, Any]]:
     rows = []
     for prior in ("gaussian", "spike-slab"):
         run = Path(out) / prior
-        (run / CHECKPOINT).unlink(missing_ok=True)  # the demo always trains afresh
-        config = default_config(method="vi", net="mlp", data="digits", epochs=epochs, prior=prior, out=str(run))
+        config = default_config(method="vi", net="mlp", data="digits", epochs=epochs, prior=prior, out=str(run),
+                                overwrite=True)  # the demo always trains afresh
         print(f"training {config['method']} {config['net']} on {config['data']} with the {prior} prior ...",
               flush=True)
         rows.append(train(config))
@@ -212,6 +302,7 @@ def default_config(**overrides: Any) -> dict[str, Any]:
     config = vars(make_parser().parse_args(["train", "--out", "runs/default"]))
     config.pop("command")
     config.update(overrides)
+    fill_method_defaults(config, recipe(config["method"]))
     return config
 
 
@@ -227,14 +318,16 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=30)
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=_positive_float, default=5e-3)
-    t.add_argument("--prior", choices=("gaussian", "spike-slab"), default="gaussian")
+    t.add_argument("--prior", choices=PRIORS, default=None, help="gaussian (default) or spike-slab (em-sghmc: "
+                   "spike-slab only, the default there)")
     t.add_argument("--prior-scale", type=_positive_float, default=1.0, help="σ of the Gaussian / slab")
     t.add_argument("--spike-scale", type=_positive_float, default=None,
                    help="σ₀ of the spike (default 0.01; 0.001 for em-sghmc, whose samples would sit in a wider spike)")
     t.add_argument("--inclusion", type=_fraction(True, True), default=0.5, help="π, prior slab probability")
     t.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="mlp hidden widths")
-    t.add_argument("--kl-weight", type=float, default=1.0, help="β, the KL weight (1 = ELBO)")
-    t.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear KL warm-up")
+    t.add_argument("--kl-weight", type=float, default=None, help="β, the KL weight (default 1 = ELBO; not em-sghmc)")
+    t.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
+                   help="epochs of linear KL warm-up (default 0; not em-sghmc)")
     t.add_argument("--sparsity", type=_fraction(False, True), default=None, help="target sparsity (snr, em-sghmc)")
     t.add_argument("--finetune-epochs", type=_nonnegative_int, default=None,
                    help="epochs of fine-tuning the surviving weights after pruning (snr; default epochs // 2)")
@@ -244,14 +337,18 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--update-every", type=_positive_int, default=None, help="steps between support updates (ssvi)")
     t.add_argument("--chains", type=_positive_int, default=None, help="number of chains (em-sghmc)")
     t.add_argument("--samples", type=_positive_int, default=32, help="posterior samples for prediction")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--out", required=True, help="output folder (one run per folder)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (options that define the run must match; --epochs and --lr "
+                        "may change where the method allows it, from the next epoch on)")
+    t.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
 
     e = commands.add_parser("evaluate", help="re-evaluate a trained run")
     e.add_argument("directory")
     e.add_argument("--samples", type=_positive_int, default=None)
+    e.add_argument("--data-root", default=None, help="where the dataset files are now (default: as trained)")
 
     d = commands.add_parser("demo", help="the main job on the embedded digits data")
     d.add_argument("--out", default="runs/demo")
@@ -259,38 +356,72 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(device: str) -> None:
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """--device: cpu, or cuda[:N] when that GPU exists."""
     try:
         parsed = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise UsageError(f"unknown device {device!r}; use cpu or cuda") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if parsed.type not in SUPPORTED_DEVICES:
+        raise UsageError(f"--device {device} is not supported; use cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPUs")
+
+
+# The API's step-size argument, as the command line spells it.
+STEP_SIZE_FLAGS = {"lr": "--lr", "step_size": "--lr", "finetune_lr": "--finetune-lr"}
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"pyro-sparse: {message}", file=sys.stderr)
+    return status
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    out = getattr(args, "out", None)
+    if args.command != "train" or out is None:
+        return "interrupted"
+    saved = [name for name in CHECKPOINT_FILES if (Path(out) / name).is_file()]
+    if not saved:
+        return "interrupted before the first checkpoint; nothing was saved"
+    return f"interrupted; the last checkpoint {Path(out) / saved[0]} is intact: continue with --resume"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = argparse.Namespace(command=None)
     try:
         args = make_parser().parse_args(argv)
         if args.command == "train":
-            config = vars(args)
+            config = vars(args).copy()
             config.pop("command")
-            _check_device(config["device"])
-            if config["kl_weight"] < 0 or not math.isfinite(config["kl_weight"]):
-                raise UsageError(f"--kl-weight must be >= 0, got {config['kl_weight']}")
-            if config["warmup_epochs"] < 0:
-                raise UsageError(f"--warmup-epochs must be >= 0, got {config['warmup_epochs']}")
             started = time.perf_counter()
             record = train(config)
             print(json.dumps(record, indent=2))
             print(f"wrote {config['out']}/metrics.json in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         elif args.command == "evaluate":
-            print(json.dumps(evaluate_run(args.directory, args.samples), indent=2))
+            print(json.dumps(evaluate_run(args.directory, args.samples, args.data_root), indent=2))
         else:
             demo(args.out, args.epochs)
+    except KeyboardInterrupt:
+        return _fail(_interrupted(args), status=130)
+    except TrainingDiverged as error:
+        return _fail("error: " + error.describe(STEP_SIZE_FLAGS.get(error.option, flag(error.option))))
     except (ValueError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"pyro-sparse: error: {message}", file=sys.stderr)
-        return 2
+        return _fail("error: " + _first_line(error))
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(f"error: {error.strerror or _first_line(error)}{where}")
     return 0
 
 

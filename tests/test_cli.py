@@ -63,7 +63,7 @@ def test_resume_continues_a_run(tmp_path, capsys):
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2", "3", "4"]
     capsys.readouterr()
     assert cli.main(["train", "--epochs", "5", "--out", str(tmp_path), "--prior", "spike-slab", "--resume"]) == 2
-    assert "trained with different prior" in capsys.readouterr().err
+    assert "trained with --prior gaussian, this command gives spike-slab" in capsys.readouterr().err
 
 
 def test_regression_run_writes_regression_metrics(tmp_path, capsys):

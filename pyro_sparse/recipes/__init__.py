@@ -5,7 +5,14 @@ A recipe is a module with
 - ``OPTIONS``: the method-specific command-line options it reads (the CLI rejects the others);
 - ``train(config, model, dataset, out) -> TrainedRun``: trains ``model`` on ``dataset.train``, writing
   its checkpoint to ``out / "checkpoint.pt"`` (atomically, so ``--resume`` continues it);
-- ``restore(config, model, saved) -> Posterior``: the posterior of a finished run from its checkpoint.
+- ``restore(config, model, saved) -> Posterior``: the posterior of a run from its checkpoint;
+
+and optionally
+
+- ``CHANGEABLE_ON_RESUME``: the schedule options (``run_options.SCHEDULE``) that ``--resume`` may change,
+  applied from the next epoch on (default: none);
+- ``ALSO_DEFINES``: options that define this method's run although they do not define others';
+- ``CHECKPOINTS``: the checkpoint files of the run's phases, in order (default: ``(CHECKPOINT,)``).
 
 The CLI owns everything common to all methods: parsing, the output folder, the dataset and the
 model, history.csv, the training curve, metrics.json and the reliability diagram.
@@ -20,6 +27,8 @@ from typing import Any
 from ..posterior import Posterior
 
 CHECKPOINT = "checkpoint.pt"
+# Every checkpoint file a run may hold, the final one first (``--method snr`` has a dense phase).
+CHECKPOINT_FILES = (CHECKPOINT, "dense.pt")
 
 
 @dataclass

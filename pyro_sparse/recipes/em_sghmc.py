@@ -2,8 +2,9 @@
 
 Reads ``--sparsity`` (target, default 0.9), ``--chains`` (default 2) and ``--samples`` (draws kept per
 chain; prediction uses at most the stored draws). ``--lr`` is the SGHMC step size ε (of the
-per-example loss, RMSprop-preconditioned). The prior is always spike-and-slab, built from
-``--prior-scale`` (σ₁), ``--spike-scale`` (σ₀) and ``--inclusion`` (π), whatever ``--prior`` says.
+per-example loss, RMSprop-preconditioned). The prior is spike-and-slab (the only ``--prior`` it takes),
+built from ``--prior-scale`` (σ₁), ``--spike-scale`` (σ₀) and ``--inclusion`` (π); ``--kl-weight`` and
+``--warmup-epochs`` (VI options) do not apply.
 Besides the common outputs it writes ``posterior.nc`` (ArviZ InferenceData: hyperparameters, the
 16 weights of largest |mean|, lp / sparsity / step size, and the pointwise log-likelihood of up to
 2000 training examples, a seeded random subset, so that ``az.loo`` estimates the expected log
@@ -12,6 +13,7 @@ predictive density of new data) and ``trace.png`` (az.plot_trace of the hyperpar
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ from ..priors import SpikeAndSlab
 from . import CHECKPOINT, TrainedRun
 
 OPTIONS: frozenset[str] = frozenset({"sparsity", "chains"})
+# The step size, the epochs (burn-in is half of them) and the draws per chain fix the chain: none may change.
+CHANGEABLE_ON_RESUME: frozenset[str] = frozenset()
+ALSO_DEFINES: frozenset[str] = frozenset({"samples"})
+PRIORS = ("spike-slab",)
 MAX_WEIGHTS = 16
 LOO_EXAMPLES = 2000  # training examples whose pointwise log-likelihood goes to posterior.nc (for az.loo)
 
@@ -53,7 +59,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     x_train, y_train = as_tensors(dataset.train)
     subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config["seed"]))[:LOO_EXAMPLES]
     idata = result.posterior.to_arviz(data=(x_train[subset], y_train[subset]), max_weights=MAX_WEIGHTS)
-    idata.to_netcdf(str(out / "posterior.nc"))
+    _write_netcdf(idata, out / "posterior.nc")
     _trace_plot(az, idata, out / "trace.png")
 
     dense = total_flops(inference_flops(model, {name: site.numel for name, site in model.sites.items()}, x_train))
@@ -64,6 +70,16 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     for name in ("inclusion", "slab_scale", "spike_scale"):
         metrics[f"prior_{name}"] = float(getattr(model.prior, name))
     return TrainedRun(result.posterior, result.history, train_flops, metrics)
+
+
+def _write_netcdf(idata, path: Path) -> None:
+    """``idata.to_netcdf`` through a temporary file beside ``path``: a killed run leaves no half file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        idata.to_netcdf(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _trace_plot(az, idata, path: Path) -> None:

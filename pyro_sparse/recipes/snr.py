@@ -30,8 +30,11 @@ from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
 
-OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr"})
+OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr", "kl_weight", "warmup_epochs"})
 DENSE_CHECKPOINT = "dense.pt"
+CHECKPOINTS = (DENSE_CHECKPOINT, CHECKPOINT)
+# The dense phase and the pruning are fixed once done; the fine-tuning may be extended or its lr changed.
+CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"finetune_epochs", "finetune_lr"})
 DEFAULT_SPARSITY = 0.8
 SCOPE = "global"  # one SNR threshold for all layers (see SNRPruned.prune; benchmarks/snr_sweep.py)
 
@@ -48,7 +51,6 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     epochs_ft = finetune_epochs(config)
     schedule = {"batch_size": config["batch_size"], "lr": config["lr"], "kl_weight": config["kl_weight"],
                 "device": config["device"], "seed": config["seed"], "resume": config["resume"], "metadata": config}
-    _check_dense_checkpoint(config, out / DENSE_CHECKPOINT)
     guide = SNRPruned(model)
     dense_history = fit(model, guide, dataset.train, epochs=config["epochs"], warmup_epochs=config["warmup_epochs"],
                         checkpoint=out / DENSE_CHECKPOINT, **schedule)
@@ -82,18 +84,6 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
                "ece_before_pruning": before["ece"]}
     train_flops = dense_flops * len(dense_history) + ft_flops * len(ft_history)
     return TrainedRun(Posterior.from_guide(model, guide), history, train_flops, metrics)
-
-
-def _check_dense_checkpoint(config: dict[str, Any], path: Path) -> None:
-    """--resume of a run whose dense phase was interrupted: it must be the same dense run."""
-    if not (config["resume"] and path.is_file()):
-        return
-    saved = checkpoints.load(path)["metadata"]
-    keys = ("method", "net", "data", "hidden", "prior", "prior_scale", "spike_scale", "inclusion", "batch_size",
-            "lr", "kl_weight", "warmup_epochs", "seed")
-    changed = [key for key in keys if saved.get(key) != config.get(key)]
-    if changed:
-        raise ValueError(f"--resume: {path.parent} was trained with different {', '.join(changed)}")
 
 
 def _write_layer_sparsity(rows: list[dict[str, Any]], path: Path) -> None:

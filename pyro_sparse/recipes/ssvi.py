@@ -26,7 +26,8 @@ from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
 
-OPTIONS: frozenset[str] = frozenset({"density", "update_every"})
+OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs"})
+CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 DEFAULT_DENSITY = 0.1
 DEFAULT_UPDATE_EVERY = 100
 

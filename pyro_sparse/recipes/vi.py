@@ -13,7 +13,8 @@ from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
 
-OPTIONS: frozenset[str] = frozenset()
+OPTIONS: frozenset[str] = frozenset({"kl_weight", "warmup_epochs"})
+CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 
 
 def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out: Path) -> TrainedRun:
