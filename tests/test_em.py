@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import pyro_sparse as ps
-from pyro_sparse import cli
+from pyro_sparse import checkpoint, cli
+from pyro_sparse.errors import CheckpointError
+from pyro_sparse.infer.em import restore_result
 
 P, TRUE_COEFS = 100, [1.5, -2.0, 1.0, -1.0, 2.0, 1.2, -1.5, 0.8, -0.8, 1.0]
 
@@ -106,6 +108,61 @@ def test_resume_equals_an_uninterrupted_run(digits, tmp_path):
     assert [row["epoch"] for row in resumed.history] == list(range(1, 7))
 
 
+def _small_model(hidden=16):
+    return ps.BayesianNetwork(ps.nets.mlp(64, (hidden,), 10), prior=ps.priors.SpikeAndSlab(1.0, 0.01, 0.5),
+                              dataset_size=320)
+
+
+def _small_em_run(digits, path, hidden=16, **kwargs):
+    data = digits.subsample(train=320, test=10)
+    model = _small_model(hidden)
+    options = {"target_sparsity": 0.5, "chains": 2, "samples": 4, "epochs": 4, "batch_size": 64, "step_size": 3e-3,
+               "seed": 5, "checkpoint": path, **kwargs}
+    return model, ps.em_sghmc(model, data.train, **options)
+
+
+def test_checkpoint_tells_a_finished_run_from_an_interrupted_one_and_restores_partial_draws(digits, tmp_path):
+    path = tmp_path / "run.pt"
+
+    def stop_after(epoch):
+        def callback(row):
+            if row["epoch"] == epoch:
+                raise _Crash
+        return callback
+
+    with pytest.raises(_Crash):  # interrupted in burn-in (epochs 1-2): no draws yet
+        _small_em_run(digits, path, callback=stop_after(1))
+    model, saved = _small_model(), checkpoint.load(path)
+    assert saved["epoch"] == 1 and saved["epochs"] == 4
+    with pytest.raises(ValueError, match=r"the run has no posterior draws yet \(epoch 1 of 4; draws start after the 2 "
+                                         r"burn-in epochs\): finish it with --resume"):
+        restore_result(model, saved)
+
+    with pytest.raises(_Crash):  # interrupted half-way through sampling
+        _small_em_run(digits, path, callback=stop_after(3), resume=True)
+    saved = checkpoint.load(path)
+    assert saved["epoch"] == 3 < saved["epochs"]
+    partial = restore_result(model, saved).posterior
+    assert partial.num_chains == 2 and partial.num_stored == 2 * 2  # 2 of the 4 draws per chain
+    _, finished = _small_em_run(digits, path, resume=True)
+    saved = checkpoint.load(path)
+    assert saved["epoch"] == saved["epochs"] == 4 and finished.posterior.num_stored == 8
+
+
+def test_resume_with_another_model_or_chain_count_is_a_checkpoint_error(digits, tmp_path):
+    path = tmp_path / "run.pt"
+    _small_em_run(digits, path, epochs=2, samples=1)
+    with pytest.raises(CheckpointError, match=r"it was written for another model or guide \('1.weight' has shape "
+                                              r"\(16, 64\) there, \(8, 64\) here\); resume with the same model"):
+        _small_em_run(digits, path, hidden=8, epochs=3, samples=1, resume=True)
+    with pytest.raises(CheckpointError, match="it holds 2 chains, this run asks for 3; resume with chains=2"):
+        _small_em_run(digits, path, epochs=3, samples=1, chains=3, resume=True)
+    model = ps.BayesianNetwork(ps.nets.mlp(64, (16,), 10), dataset_size=320)
+    with pytest.raises(CheckpointError, match="it was written by em_sghmc, not sample_sghmc"):
+        ps.sample_sghmc(model, digits.subsample(train=320, test=10).train, epochs=3, samples=1, checkpoint=path,
+                        resume=True)
+
+
 def test_cli_em_sghmc_run(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--method", "em-sghmc", "--net", "mlp", "--data", "digits", "--epochs", "8", "--lr", "3e-3",
@@ -135,6 +192,9 @@ def test_cli_em_sghmc_run(tmp_path, capsys):
         ({"step_size": -1e-3}, "step_size must be a number in"),
         ({"samples": 1000}, "samples=1000 per chain need at least"),
         ({"burn_in": 3}, "burn_in must be an integer in"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": -3}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": 0.5}, r"seed must be an integer in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_input_is_one_clear_error(sparse_regression, kwargs, message):

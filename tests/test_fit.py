@@ -8,6 +8,7 @@ import torch
 
 import pyro_sparse as ps
 from pyro_sparse import checkpoint
+from pyro_sparse.errors import CheckpointError
 
 
 def digits_model(digits, prior=None, **kwargs):
@@ -73,6 +74,49 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
     assert [r["loss"] for r in history_a] == [r["loss"] for r in history_b]
 
 
+def test_resume_applies_the_arguments_of_this_call_and_history_shows_from_when(digits, tmp_path):
+    path = tmp_path / "run.pt"
+    model = digits_model(digits)
+    guide = ps.MeanField(model)
+    seen = []
+    kwargs = dict(batch_size=500, seed=0, checkpoint=path, callbacks=[lambda s: seen.append(s.optimizer.param_groups)])
+    ps.fit(model, guide, digits.train, epochs=2, lr=5e-3, **kwargs)
+    saved = checkpoint.load(path)
+    assert saved["epoch"] == saved["epochs"] == 2  # a finished run
+    history = ps.fit(model, guide, digits.train, epochs=4, lr=1e-3, warmup_epochs=8, resume=True, **kwargs)
+    assert history.column("lr") == [5e-3, 5e-3, 1e-3, 1e-3]
+    assert [group["lr"] for group in seen[-1]] == [1e-3]  # the optimizer runs with it, not the saved 5e-3
+    assert history.column("kl_factor")[:2] == [1.0, 1.0] and history.column("kl_factor")[2] < 0.5  # warm-up too
+    saved = checkpoint.load(path)
+    assert saved["epoch"] == saved["epochs"] == 4 and saved["history"][-1]["lr"] == 1e-3
+    history.to_csv(tmp_path / "history.csv")
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].split(",")[:7] == [
+        "epoch", "loss", "nll", "kl", "kl_factor", "lr", "seconds"]
+
+
+def test_resume_with_another_model_is_a_checkpoint_error(digits, tmp_path):
+    path = tmp_path / "run.pt"
+    model = digits_model(digits)
+    ps.fit(model, ps.MeanField(model), digits.train, epochs=1, batch_size=500, seed=0, checkpoint=path)
+    other = ps.BayesianNetwork(ps.nets.mlp(64, (32,), 10), dataset_size=len(digits.train))
+    with pytest.raises(CheckpointError, match=r"refused: it was written for another model or guide \(Error\(s\) in "
+                                              r"loading state_dict.*\); resume with the same model, or start a new"):
+        ps.fit(other, ps.MeanField(other), digits.train, epochs=2, batch_size=500, checkpoint=path, resume=True)
+    checkpoint.save({"chains": [], "epoch": 1}, tmp_path / "em.pt")
+    with pytest.raises(CheckpointError, match="it was not written by fit"):
+        ps.fit(other, ps.MeanField(other), digits.train, epochs=2, checkpoint=tmp_path / "em.pt", resume=True)
+
+
+def test_fit_asks_the_guide_to_check_the_model(digits):
+    class Picky(ps.MeanField):
+        def check_model(self, model):
+            raise ValueError("this guide wants another model")
+
+    model = digits_model(digits)
+    with pytest.raises(ValueError, match="this guide wants another model"):
+        ps.fit(model, Picky(model), digits.train, epochs=1)
+
+
 def test_checkpoints_are_written_atomically(tmp_path):
     path = tmp_path / "state.pt"
     checkpoint.save({"value": torch.arange(3)}, path)
@@ -123,6 +167,10 @@ def test_two_models_of_the_same_architecture_train_side_by_side(digits):
         ("ok", {"lr": 0.0}, "lr must be a number > 0"),
         ("ok", {"kl_weight": -1.0}, "kl_weight must be a number >= 0"),
         ("ok", {"resume": True}, "resume=True needs a checkpoint path"),
+        ("ok", {"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*32\), got 1180591620717411303424"),
+        ("ok", {"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ("ok", {"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ("ok", {"seed": True}, r"seed must be an integer in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_input_to_fit_gives_one_clear_error(digits, data, kwargs, match):

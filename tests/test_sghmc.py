@@ -131,3 +131,30 @@ def test_bad_schedules():
         cyclical_cosine(0.0, 10)
     with pytest.raises(ValueError, match="cycle_length must be a positive integer"):
         cyclical_cosine(0.1, 0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -1e-3, "fast"])
+def test_a_schedule_that_returns_a_bad_step_size_is_one_clear_error(bad):
+    model = ps.BayesianNetwork(nn.Linear(3, 1), likelihood=ps.likelihoods.Gaussian(0.5), dataset_size=10)
+    sampler = sghmc(model, step_size=lambda step: 1e-3 if step < 2 else bad, preconditioner=False)
+    state = sampler.init(seed=0)
+    batch = (torch.randn(10, 3), torch.randn(10))
+    for _ in range(2):
+        sampler.step(state, batch)
+    with pytest.raises(ValueError, match=r"the step_size schedule returned .* at step 2; it must return numbers > 0"):
+        sampler.step(state, batch)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 0.5, True])
+def test_init_refuses_a_seed_a_generator_cannot_take(seed):
+    sampler = sghmc(ps.BayesianNetwork(nn.Linear(3, 1), dataset_size=10), step_size=1e-3)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        sampler.init(seed=seed)
+
+
+def test_is_finite_flags_a_nan_position_without_a_sync():
+    sampler = sghmc(ps.BayesianNetwork(nn.Linear(3, 1), dataset_size=10), step_size=1e-3)
+    state = sampler.init(seed=0)
+    assert state.is_finite().dim() == 0 and bool(state.is_finite())
+    state.position[1] = math.nan
+    assert not bool(state.is_finite())

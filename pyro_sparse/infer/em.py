@@ -24,6 +24,13 @@ thinned.
 The hyperparameters keep adapting (through ρ, with ever smaller ω_k) after burn-in, so each chain's
 π and σ₁ converge to a chain-specific value rather than being sampled: expect their R-hat above 1
 when the chains settle in different modes, which neural networks do.
+
+Divergence: the step does not look for NaN (a host sync per step would stall a GPU). Each chain's
+position and minibatch loss are checked (one sync per chain) every ``em_every`` steps and at every
+step that keeps a draw or prunes, before the E-step, the pruning or the record use them; the
+hyperparameters right after each M-step; and the whole chain state at the end of each epoch,
+before the checkpoint is written. A non-finite value therefore stops the run within ``em_every``
+steps with ``errors.TrainingDiverged``, and the checkpoint on disk stays the last good one.
 """
 
 from __future__ import annotations
@@ -41,10 +48,11 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
 from ..data import as_tensors
+from ..errors import CheckpointError, TrainingDiverged
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from ..priors import SpikeAndSlab
-from .sghmc import SGHMC, Schedule, SGHMCState, network_parameters, sghmc
+from .sghmc import SGHMC, Schedule, SGHMCState, check_seed, first_non_finite, network_parameters, sghmc
 
 
 @dataclass
@@ -176,6 +184,7 @@ def _run(
         _check("step_size", step_size, 0.0, low_open=True)
     burn_in = epochs // 2 if burn_in is None else burn_in
     _check("burn_in", burn_in, 0, epochs, integer=True)
+    seed = check_seed(seed)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     prior = model.prior
@@ -205,7 +214,7 @@ def _run(
             fraction = prune_start + (prune_end - prune_start) * k / prune_steps
             prune_at[max(0, round(fraction * burn_steps) - 1)] = target_sparsity * (1 - (1 - k / prune_steps) ** 3)
 
-    base_seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)
+    base_seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
     sampler = sghmc(model, step_size, friction=friction, temperature=temperature, preconditioner=preconditioner,
                     burn_in=burn_steps, noise=noise)
     initial_hyper = {name: value.detach().clone() for name, value in prior.named_buffers()}
@@ -217,14 +226,18 @@ def _run(
     site_layout = [(name, shape) for name, shape in runs[0].state.layout if name in model.sites]
     shuffle = torch.Generator().manual_seed(base_seed)
     history: list[dict[str, Any]] = []
-    start_epoch, seconds = 0, 0.0
+    start_epoch, seconds, last_saved = 0, 0.0, None
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
-        for run, chain_saved in zip(runs, saved["chains"], strict=True):
-            run.load_state_dict(chain_saved)
+        _load_chains(runs, saved, checkpoint, em)
         shuffle.set_state(saved["shuffle_rng"])
-        history, start_epoch = saved["history"], saved["epoch"]
+        history, start_epoch, last_saved = saved["history"], saved["epoch"], checkpoint
         seconds = history[-1]["seconds"] if history else 0.0
+
+    def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
+        for name, value in initial_hyper.items():  # leave the model's prior as it was given, not NaN
+            prior.get_buffer(name).copy_(value)
+        return TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}", what, "step_size", last_saved)
 
     show = False if progress is None else progress
     bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="em-sghmc")
@@ -235,12 +248,17 @@ def _run(
         nll_sum = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
             k = epoch * steps_per_epoch + step
-            for run, order in zip(runs, orders, strict=True):
+            for c, (run, order) in enumerate(zip(runs, orders, strict=True)):
                 index = order[step * batch_size: (step + 1) * batch_size]
                 state = sampler.step(run.state, (x[index], y[index]))
                 nll_sum += state.loss
+                if ((k + 1) % em_every == 0 or k in keep_at or k in prune_at) and not bool(state.is_finite()):
+                    raise diverged(epoch, step, _what_is_not_finite(state, c))
                 if em and (k + 1) % em_every == 0:
                     _em_step(sampler, run, prior, (k + 1) // em_every, beta_prior, slab_prior, spike_prior)
+                    bad = first_non_finite(run.hyper)
+                    if bad is not None:
+                        raise diverged(epoch, step, f"the M-step of chain {c + 1} gave a non-finite {bad}")
                 if k in prune_at:
                     _prune(sampler, run, prune_at[k])
                 if (k + 1) % em_every == 0 or k in keep_at:
@@ -253,19 +271,74 @@ def _run(
                         for key, value in record.items():
                             run.stats.setdefault(key, []).append(value)
         seconds += time.perf_counter() - started
+        what = _what_is_not_finite_at_epoch_end(runs, nll_sum)
+        if what is not None:
+            raise diverged(epoch, steps_per_epoch - 1, what)
         row = _epoch_row(runs, epoch, seconds, float(nll_sum) / (steps_per_epoch * len(runs)), model, prior, em, n)
         history.append(row)
         bar.set_postfix(neg_log_joint=f"{row['neg_log_joint']:.4f}", sparsity=f"{row['sparsity']:.3f}")
         if checkpoint is not None:
             checkpoints.save({"chains": [run.state_dict() for run in runs], "shuffle_rng": shuffle.get_state(),
-                              "history": history, "epoch": epoch + 1, "metadata": metadata or {},
-                              "model": model.state_dict()}, checkpoint)
+                              "history": history, "epoch": epoch + 1, "epochs": epochs, "burn_in": burn_in,
+                              "metadata": metadata or {}, "model": model.state_dict()}, checkpoint)
+            last_saved = checkpoint
         if callback is not None:
             callback(row)
     bar.close()
-    if not math.isfinite(history[-1]["neg_log_joint"]):
-        raise RuntimeError("sampling diverged: the loss is not finite; lower the step size")
     return _result(model, runs, site_layout, num_sites, prior, em, initial_hyper, history)
+
+
+def _what_is_not_finite(state: SGHMCState, chain: int) -> str:
+    """Which of a non-finite chain's position and minibatch loss went wrong, in words."""
+    if not bool(torch.isfinite(state.loss)):
+        return f"the minibatch loss of chain {chain + 1} is {float(state.loss)}"
+    return f"the weights of chain {chain + 1} are not finite"
+
+
+def _what_is_not_finite_at_epoch_end(runs: list[_Chain], nll_sum: torch.Tensor) -> str | None:
+    """None when every tensor a checkpoint would hold (draws are checked as they are kept) is finite."""
+    for c, run in enumerate(runs):
+        saved = {key: value for key, value in run.state_dict().items() if key != "draws"}
+        bad = first_non_finite(saved)
+        if bad is not None:
+            return f"{bad} of chain {c + 1} is not finite"
+    if not bool(torch.isfinite(nll_sum)):
+        return f"the epoch's summed minibatch loss is {float(nll_sum)}"
+    return None
+
+
+def _load_chains(runs: list[_Chain], saved: dict[str, Any], path: str | os.PathLike, em: bool) -> None:
+    """Restore each chain from a checkpoint, or a ``CheckpointError`` if it belongs to another run."""
+    fix = "or start a new checkpoint"
+    if "chains" not in saved:
+        raise CheckpointError(path, f"it was not written by em_sghmc or sample_sghmc; resume one of their runs, {fix}")
+    count = len(saved["chains"])
+    if count != len(runs):
+        raise CheckpointError(path, f"it holds {count} chains, this run asks for {len(runs)}; resume with "
+                                    f"chains={count}, {fix}")
+    if bool(saved["chains"][0]["hyper"]) != em:
+        writer, reader = ("sample_sghmc", "em_sghmc") if em else ("em_sghmc", "sample_sghmc")
+        raise CheckpointError(path, f"it was written by {writer}, not {reader}; resume with {writer}, {fix}")
+    for run, chain_saved in zip(runs, saved["chains"], strict=True):
+        layout = tuple((name, torch.Size(shape)) for name, shape in chain_saved["state"]["layout"])
+        try:
+            if layout != run.state.layout:
+                raise RuntimeError(_layout_difference(layout, run.state.layout))
+            run.load_state_dict(chain_saved)
+        except (RuntimeError, KeyError) as error:
+            first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise CheckpointError(path, f"it was written for another model or guide ({first_line}); resume with "
+                                        f"the same model, {fix}") from error
+
+
+def _layout_difference(saved: tuple, current: tuple) -> str:
+    """The first parameter whose name or shape differs between two layouts, in words."""
+    for (saved_name, saved_shape), (name, shape) in zip(saved, current, strict=False):
+        if saved_name != name:
+            return f"parameter {saved_name!r} there, {name!r} here"
+        if saved_shape != shape:
+            return f"{name!r} has shape {tuple(saved_shape)} there, {tuple(shape)} here"
+    return f"{len(saved)} parameters there, {len(current)} here"
 
 
 def _em_step(sampler: SGHMC, run: _Chain, prior: SpikeAndSlab, k: int, beta_prior, slab_prior, spike_prior) -> None:
@@ -377,9 +450,18 @@ def _result(model, runs, site_layout, num_sites, prior, em, initial_hyper, histo
 
 
 def restore_result(model: BayesianNetwork, saved: dict[str, Any]) -> SGHMCResult:
-    """The ``SGHMCResult`` of a run from its checkpoint (as written by ``em_sghmc(checkpoint=...)``)."""
+    """The ``SGHMCResult`` of a run from its checkpoint (as written by ``em_sghmc(checkpoint=...)``).
+
+    A run interrupted in its sampling phase gives the draws kept so far; one interrupted before any
+    draw was kept (in burn-in) is a ValueError.
+    """
     from types import SimpleNamespace
 
+    if not saved["chains"] or not saved["chains"][0]["draws"]:
+        of = f" of {saved['epochs']}" if "epochs" in saved else ""
+        burn_in = f"the {saved['burn_in']} burn-in epochs" if "burn_in" in saved else "burn-in"
+        raise ValueError(f"the run has no posterior draws yet (epoch {saved['epoch']}{of}; draws start after "
+                         f"{burn_in}): finish it with --resume (em_sghmc(..., resume=True))")
     runs = []
     for chain in saved["chains"]:
         state = SimpleNamespace(layout=chain["state"]["layout"], mask=chain["state"]["mask"])
@@ -440,14 +522,21 @@ def em_sghmc(
         prune_start, prune_end, prune_steps: the pruning ramp (fractions of the burn-in steps, events).
         beta_prior: (a, b) of π's Beta prior; slab_prior, spike_prior: (α, β) of the inverse-gamma
             priors of σ₁², σ₀² (spike_prior None: σ₀ fixed).
-        seed: seeds initialisation of chains > 0, shuffling and noise.
+        seed: an integer in [0, 2**32); seeds initialisation of chains > 0, shuffling and noise.
         checkpoint, resume: write the whole state atomically after every epoch; continue from it
-            (the result equals an uninterrupted run).
+            (the result equals an uninterrupted run). The checkpoint holds "epoch" (done) and "epochs"
+            (planned): the run is finished when they are equal. Resuming a checkpoint of another model,
+            number of chains or sampler is an ``errors.CheckpointError``.
         progress: show a progress bar. metadata: stored in the checkpoint. callback: called with
             each epoch's history row.
 
     Returns:
         an ``SGHMCResult``.
+
+    Raises:
+        errors.TrainingDiverged: a position, minibatch loss or hyperparameter became NaN or infinite
+            (detected within ``em_every`` steps, before anything is written: the checkpoint on disk
+            is the last good one); lower ``step_size``.
     """
     return _run(model, data, True, target_sparsity, chains, samples, epochs, burn_in, batch_size, step_size,
                 friction, temperature, preconditioner, noise, em_every, prune_start, prune_end, prune_steps,
@@ -475,7 +564,8 @@ def sample_sghmc(
     metadata: dict[str, Any] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> SGHMCResult:
-    """Dense SGHMC under the model's own prior (no EM, no pruning); arguments as in ``em_sghmc``."""
+    """Dense SGHMC under the model's own prior (no EM, no pruning); arguments as in ``em_sghmc``
+    (``record_every`` plays ``em_every``'s part: trace records and divergence checks)."""
     return _run(model, data, False, 0.0, chains, samples, epochs, burn_in, batch_size, step_size, friction,
                 temperature, preconditioner, noise, record_every, 0.2, 0.6, 1, None, None, None, seed, checkpoint,
                 resume, progress, metadata, callback)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,49 @@ def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def _check_step_size(value: Any) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"step_size must be a number > 0, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the loops (fit, em_sghmc, sample_sghmc)
+# ----------------------------------------------------------------------------------------------
+def check_seed(seed: Any, bits: int = 32) -> int | None:
+    """``seed`` as an int, or None; anything but an integer in [0, 2**bits) is a ValueError.
+
+    The loops take seeds in [0, 2**32) (as numpy does) and derive per-chain seeds from them; a
+    generator itself accepts [0, 2**64)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**bits:
+        raise ValueError(f"seed must be an integer in [0, 2**{bits}), got {seed!r}")
+    return int(seed)
+
+
+def _floating_tensors(value: Any, name: str) -> list[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every floating-point tensor in nested dicts / lists / tuples."""
+    if isinstance(value, torch.Tensor):
+        return [(name, value)] if value.is_floating_point() or value.is_complex() else []
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, item in items for found in _floating_tensors(item, f"{name}.{key}" if name else str(key))]
+
+
+def first_non_finite(tensors: Mapping[str, Any]) -> str | None:
+    """The dotted name of the first floating-point tensor in ``tensors`` (nested dicts, lists and
+    tuples of tensors and plain data) holding a NaN or an infinity; None when all are finite.
+
+    One host-device synchronisation for the whole collection (more only when something is found).
+    """
+    found = _floating_tensors(tensors, "")
+    if not found:
+        return None
+    finite = torch.stack([torch.isfinite(tensor).all().to(found[0][1].device) for _, tensor in found])
+    if bool(finite.all()):
+        return None
+    return found[int((~finite).nonzero()[0])][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +173,11 @@ class SGHMCState:
         """Tensors and the RNG state, for ``torch.save`` (restore with ``load_state_dict``)."""
         return {**{name: getattr(self, name) for name in self._SAVED}, "prior_precision": self.prior_precision,
                 "step": self.step, "rng": self.rng.get_state(), "layout": self.layout}
+
+    def is_finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor (no host sync): True while the position and the last loss are finite.
+        A non-finite momentum reaches the position at the next step."""
+        return torch.isfinite(self.position).all() & torch.isfinite(self.loss)
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         for name in self._SAVED:
@@ -192,7 +241,8 @@ class SGHMC:
     def init(self, params: Mapping[str, torch.Tensor] | None = None, seed: int | None = None) -> SGHMCState:
         """A fresh chain at ``params`` (default for a BayesianNetwork: ``network_parameters(model)``).
 
-        Zero momentum; V starts from the first step's g².
+        Zero momentum; V starts from the first step's g². ``seed`` (an integer in [0, 2**64); default:
+        drawn from torch's RNG) seeds the injected noise.
         """
         if params is None:
             if not self.is_network:
@@ -203,6 +253,7 @@ class SGHMC:
         layout = tuple((name, torch.Size(value.shape)) for name, value in params.items())
         position = torch.cat([value.detach().reshape(-1) for value in params.values()]).clone()
         rng = torch.Generator(device=position.device)
+        seed = check_seed(seed, bits=64)
         rng.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
         ones = torch.ones_like(position)
         state = SGHMCState(position=position, momentum=torch.zeros_like(position),
@@ -235,7 +286,7 @@ class SGHMC:
         ``state.prior_precision`` or ``state.mask`` (the EM loop does); the step calls it while
         the preconditioner adapts. Uses ε of the current step unless given.
         """
-        epsilon = float(self.step_size(state.step)) if epsilon is None else epsilon
+        epsilon = self.epsilon_at(state.step) if epsilon is None else epsilon
         with torch.no_grad():
             if self.adapt_preconditioner:
                 torch.sqrt(state.square_avg, out=state.preconditioner).add_(self.epsilon).reciprocal_()
@@ -267,8 +318,12 @@ class SGHMC:
         return nll - log_prior / self.dataset_size
 
     def step(self, state: SGHMCState, batch: Any) -> SGHMCState:
-        """One SGHMC step on ``batch`` ((x, y) for a BayesianNetwork). Updates ``state`` in place and returns it."""
-        epsilon = float(self.step_size(state.step))
+        """One SGHMC step on ``batch`` ((x, y) for a BayesianNetwork). Updates ``state`` in place and returns it.
+
+        It does not look for NaN (that would cost a host sync per step): a loop calls
+        ``state.is_finite()`` as often as it can afford (``em_sghmc`` every ``em_every`` steps).
+        """
+        epsilon = self.epsilon_at(state.step)
         theta = state.split(state.position)
         leaves = [value.detach().requires_grad_(True) for value in theta]
         loss = self.loss(dict(zip(self._names(state), leaves, strict=True)), batch, state)
@@ -289,6 +344,17 @@ class SGHMC:
             state.loss = loss.detach()
         state.step += 1
         return state
+
+    def epsilon_at(self, step: int) -> float:
+        """ε of the schedule at ``step``; a schedule that returns anything but a number > 0 is a ValueError."""
+        value = self.step_size(step)
+        try:
+            epsilon = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            epsilon = math.nan
+        if not 0 < epsilon < math.inf:
+            raise ValueError(f"the step_size schedule returned {value!r} at step {step}; it must return numbers > 0")
+        return epsilon
 
     def _names(self, state: SGHMCState) -> list[str]:
         return [name for name, _ in state.layout]
@@ -375,5 +441,5 @@ def sghmc(
                  dataset_size, float(rms_decay), float(epsilon), noise)
 
 
-__all__ = ["SGHMC", "SGHMCState", "constant", "cyclical_cosine", "log_likelihood", "network_parameters", "sghmc",
-           "substituted_parameters"]
+__all__ = ["SGHMC", "SGHMCState", "check_seed", "constant", "cyclical_cosine", "first_non_finite", "log_likelihood",
+           "network_parameters", "sghmc", "substituted_parameters"]

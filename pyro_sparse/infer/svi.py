@@ -4,6 +4,7 @@ progress bar, atomic checkpoints with exact resume)."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -19,24 +20,29 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
 from ..data import as_tensors
+from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
 from .elbo import ElboTerms, negative_elbo
+from .sghmc import check_seed, first_non_finite
 
 
 class History(list):
     """One dict per epoch: epoch, loss (−ELBO per example), nll (per example), kl (nats, total),
-    kl_factor, seconds (training time so far), plus whatever callbacks recorded."""
+    kl_factor (β at the epoch's last step), lr (Adam's learning rate in the epoch), seconds (training
+    time so far), plus whatever callbacks recorded."""
 
     def column(self, key: str) -> list[Any]:
         return [record.get(key) for record in self]
 
     def to_csv(self, path: str | os.PathLike) -> None:
+        """Write the records as CSV (one column per key any record has), atomically."""
         keys = list(dict.fromkeys(key for record in self for key in record))
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self)
+        checkpoints.atomic_write_bytes(path, text.getvalue().encode())
 
 
 @dataclass
@@ -88,6 +94,10 @@ def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+DIVERGENCE_CHECK_EVERY = 16
+"""``fit`` looks at the step losses every this many steps and at each epoch's end (one host sync each)."""
+
+
 def fit(
     model: BayesianNetwork,
     guide: MeanField,
@@ -117,20 +127,37 @@ def fit(
         callbacks: objects with ``on_step_end(state)`` and/or ``on_epoch_end(state)``; a plain
             callable is called at each epoch end. The guide's own hooks run first.
         device: where to train ("cpu", "cuda", ...); default: where the guide's parameters are.
-        seed: seeds the shuffling and the Monte Carlo noise (default: drawn from torch's RNG).
-        checkpoint: a path; the full training state is written there atomically after every epoch.
+        seed: an integer in [0, 2**32); seeds the shuffling and the Monte Carlo noise (default: drawn
+            from torch's RNG).
+        checkpoint: a path; the full training state is written there atomically after every epoch,
+            with "epoch" (done) and "epochs" (planned): the run is finished when they are equal.
         resume: continue from ``checkpoint`` if it exists (the result equals an uninterrupted run).
+            The arguments of this call apply from the first resumed epoch: ``lr`` replaces the
+            learning rate stored with the optimizer state, ``kl_weight`` and ``warmup_epochs`` set β.
         progress: show a tqdm progress bar (default: when stderr is a terminal).
         metadata: saved in the checkpoint under "metadata" (e.g. how to rebuild the model).
 
     Returns:
-        the History (one record per epoch, including the epochs before a resume).
+        the History (one record per epoch, including the epochs before a resume); its "lr" column is
+        the learning rate each epoch ran with.
+
+    Raises:
+        errors.TrainingDiverged: a step's loss, or at an epoch's end a parameter or optimizer state,
+            is NaN or infinite. The step losses are kept on the device and looked at every
+            ``DIVERGENCE_CHECK_EVERY`` steps and at each epoch's end (no host sync per step); the
+            state to be saved is checked once per epoch. Nothing is written after a divergence, so
+            the checkpoint on disk is the last good one.
+        errors.CheckpointError: ``resume`` with a checkpoint of another model or guide.
     """
+    check_model = getattr(guide, "check_model", None)
+    if check_model is not None:
+        check_model(model)
     _check_positive("epochs", epochs, integer=True)
     _check_positive("batch_size", batch_size, integer=True)
     _check_positive("lr", lr)
     _check_positive("kl_weight", kl_weight, allow_zero=True)
     _check_positive("warmup_epochs", warmup_epochs, integer=True, allow_zero=True)
+    seed = check_seed(seed)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     x, y = as_tensors(data)
@@ -152,63 +179,144 @@ def fit(
     if seed is not None:
         torch.manual_seed(seed)
 
-    history, start_epoch, train_seconds = History(), 0, 0.0
+    history, start_epoch, train_seconds, last_saved = History(), 0, 0.0, None
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
-        model.load_state_dict(saved["model"])
-        guide.load_state_dict(saved["guide"])
-        optimizer.load_state_dict(saved["optimizer"])
-        shuffle.set_state(saved["shuffle_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        history, start_epoch = History(saved["history"]), saved["epoch"]
+        _restore(saved, checkpoint, model, guide, optimizer, shuffle)
+        for group in optimizer.param_groups:  # this call's learning rate, not the checkpoint's
+            group["lr"] = lr
+        history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
         train_seconds = history[-1]["seconds"] if history else 0.0
+
+    def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}", what, "lr", last_saved)
+
+    def beta(epochs_done: float) -> float:
+        """The KL weight after ``epochs_done`` (fractional) epochs: the warm-up ramp, then ``kl_weight``."""
+        return kl_weight * (min(1.0, epochs_done / warmup_epochs) if warmup_epochs else 1.0)
 
     n, steps_per_epoch = len(x), math.ceil(len(x) / batch_size)
     step_hooks = _hooks([guide, *callbacks], "on_step_end")
     epoch_hooks = _hooks([guide, *callbacks], "on_epoch_end")
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="fit")
     model.train()
     guide.train()
-    for epoch in bar:
-        state = TrainingState(model, guide, optimizer, epoch, 0, epoch * steps_per_epoch, steps_per_epoch, epochs,
-                              history=history)
-        totals = torch.zeros(3, device=device)
-        started = time.perf_counter()
-        order = torch.randperm(n, generator=shuffle).to(device)
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            progress_in_epochs = epoch + step / steps_per_epoch
-            beta = kl_weight * (min(1.0, progress_in_epochs / warmup_epochs) if warmup_epochs else 1.0)
-            terms = negative_elbo(model, guide, x[index], y[index], kl_weight=beta)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                totals += torch.stack([terms.loss.detach(), terms.nll, terms.kl]) * len(index)
-            state.step, state.global_step = step, epoch * steps_per_epoch + step
-            state.batch, state.terms = (x[index], y[index]), terms
-            for hook in step_hooks:
+    with tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="fit") as bar:
+        for epoch in bar:
+            state = TrainingState(model, guide, optimizer, epoch, 0, epoch * steps_per_epoch, steps_per_epoch, epochs,
+                                  history=history)
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
+            order = torch.randperm(n, generator=shuffle).to(device)
+            totals = _run_epoch(state, x, y, order, batch_size, beta, step_hooks, diverged)
+            train_seconds += time.perf_counter() - started
+            loss, nll, kl = (totals / n).tolist()
+            if not math.isfinite(loss):
+                raise diverged(epoch, steps_per_epoch - 1, f"the epoch's mean loss is {loss}")
+            state.batch = state.terms = None
+            for hook in epoch_hooks:
                 hook(state)
-        train_seconds += time.perf_counter() - started
-        loss, nll, kl = (totals / n).tolist()
-        if not math.isfinite(loss):
-            raise RuntimeError(f"training diverged: the loss is {loss} in epoch {epoch + 1}; lower the learning rate")
-        state.batch = state.terms = None
-        for hook in epoch_hooks:
-            hook(state)
-        history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl, "kl_factor": beta,
-                        "seconds": train_seconds, **state.record})
-        bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl:.4g}")
-        if checkpoint is not None:
-            checkpoints.save(
-                {"model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optimizer.state_dict(),
-                 "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "history": list(history), "epoch": epoch + 1, "metadata": metadata or {}},
-                checkpoint,
-            )
-    bar.close()
+            training_state = _training_state(model, guide, optimizer)
+            bad = first_non_finite(training_state)
+            if bad is not None:
+                raise diverged(epoch, steps_per_epoch - 1, f"{bad} is not finite after the epoch")
+            last_beta = beta(epoch + (steps_per_epoch - 1) / steps_per_epoch)
+            history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl, "kl_factor": last_beta,
+                            "lr": epoch_lr, "seconds": train_seconds, **state.record})
+            bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl:.4g}")
+            if checkpoint is not None:
+                checkpoints.save(
+                    {**training_state, "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "history": list(history), "epoch": epoch + 1, "epochs": epochs, "metadata": metadata or {}},
+                    checkpoint,
+                )
+                last_saved = checkpoint
     return history
+
+
+def _run_epoch(
+    state: TrainingState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    beta: Callable[[float], float],
+    step_hooks: list[Callable[[TrainingState], None]],
+    diverged: Callable[[int, int, str], TrainingDiverged],
+) -> torch.Tensor:
+    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)``.
+
+    Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
+    step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
+    steps and at the epoch's last step, before the step hooks run.
+    """
+    model, guide, optimizer = state.model, state.guide, state.optimizer
+    step_terms = torch.zeros(state.steps_per_epoch, 3, device=x.device)
+    totals = torch.zeros(3, device=x.device)
+    checked = 0
+    for step in range(state.steps_per_epoch):
+        index = order[step * batch_size : (step + 1) * batch_size]
+        kl_weight = beta(state.epoch + step / state.steps_per_epoch)
+        terms = negative_elbo(model, guide, x[index], y[index], kl_weight=kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            step_terms[step] = torch.stack([terms.loss.detach(), terms.nll, terms.kl])
+            totals += step_terms[step] * len(index)
+        if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 or step + 1 == state.steps_per_epoch:
+            _check_step_terms(step_terms, checked, step + 1, state.epoch, diverged)
+            checked = step + 1
+        state.step, state.global_step = step, state.epoch * state.steps_per_epoch + step
+        state.batch, state.terms = (x[index], y[index]), terms
+        for hook in step_hooks:
+            hook(state)
+    return totals
+
+
+def _check_step_terms(step_terms: torch.Tensor, start: int, stop: int, epoch: int,
+                      diverged: Callable[[int, int, str], TrainingDiverged]) -> None:
+    """Raise ``diverged`` at the first of steps [start, stop) whose row (loss, nll, kl) of
+    ``step_terms`` (steps, 3) holds a NaN or an infinity."""
+    finite = torch.isfinite(step_terms[start:stop]).all(dim=1)
+    if bool(finite.all()):
+        return
+    first = start + int((~finite).nonzero()[0])
+    loss, nll, kl = step_terms[first].tolist()
+    raise diverged(epoch, first, f"the loss is {loss} (nll {nll}, kl {kl})")
+
+
+def _training_state(model: BayesianNetwork, guide: MeanField, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint holds of the model, the guide and the optimizer."""
+    return {"model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _restore(saved: dict[str, Any], path: str | os.PathLike, model: BayesianNetwork, guide: MeanField,
+             optimizer: torch.optim.Optimizer, shuffle: torch.Generator) -> None:
+    """Load a ``fit`` checkpoint into the model, guide, optimizer and RNGs; a checkpoint of another
+    model or guide is a ``CheckpointError`` instead of load_state_dict's traceback."""
+    missing = [key for key in ("model", "guide", "optimizer", "shuffle_rng", "torch_rng", "history", "epoch")
+               if key not in saved]
+    if missing:
+        raise CheckpointError(path, f"it was not written by fit (it has no {', '.join(missing)}); resume a fit "
+                                    f"run, or start a new checkpoint")
+    try:
+        model.load_state_dict(saved["model"])
+        guide.load_state_dict(saved["guide"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(path, f"it was written for another model or guide ({_summary(error)}); resume with "
+                                    f"the same model, or start a new checkpoint") from error
+    shuffle.set_state(saved["shuffle_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+
+def _summary(error: Exception, limit: int = 300) -> str:
+    """The first line of an error's message, joined with the next when it ends in ":" (load_state_dict's
+    "Error(s) in loading state_dict for X:" is followed by the first mismatch), cut at ``limit`` characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines()] or [type(error).__name__]
+    summary = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return summary if len(summary) <= limit else summary[: limit - 1] + "…"

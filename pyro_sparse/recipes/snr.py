@@ -23,6 +23,7 @@ from typing import Any
 from .. import checkpoint as checkpoints
 from .. import plots
 from ..data import Dataset, as_tensors
+from ..errors import TrainingDiverged
 from ..evaluation import evaluate, training_flops_per_example
 from ..guides.snr import SNRPruned
 from ..infer.svi import fit
@@ -66,11 +67,14 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
 
     if epochs_ft > 0:
         finetune = {**schedule, "lr": config.get("finetune_lr") or config["lr"]}
-        ft_history = fit(model, guide, dataset.train, epochs=epochs_ft, checkpoint=out / CHECKPOINT, **finetune)
+        try:
+            ft_history = fit(model, guide, dataset.train, epochs=epochs_ft, checkpoint=out / CHECKPOINT, **finetune)
+        except TrainingDiverged as error:  # the fine-tuning's step size is --finetune-lr
+            raise TrainingDiverged(error.where, error.what, "finetune_lr", error.checkpoint) from None
     else:
         ft_history = []
         checkpoints.save({"model": model.state_dict(), "guide": guide.state_dict(), "history": [], "epoch": 0,
-                          "metadata": config}, out / CHECKPOINT)
+                          "epochs": 0, "metadata": config}, out / CHECKPOINT)
     _write_layer_sparsity(guide.layer_sparsity(), out / "layer_sparsity.csv")
     ft_flops = training_flops_per_example(model, guide.active_counts(), x_train) * len(x_train)
 
