@@ -188,6 +188,8 @@ def fill_method_defaults(config: dict[str, Any], method: ModuleType) -> None:
     for option, default in METHOD_DEFAULTS.items():
         if config.get(option) is None and option in method.OPTIONS:
             config[option] = default
+    if config.get("lr") is None:
+        config["lr"] = method.DEFAULT_LR
     if config.get("prior") is None:
         config["prior"] = getattr(method, "PRIORS", PRIORS)[0]
     if config.get("spike_scale") is None:
@@ -317,7 +319,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default=None, help="folder with the dataset files (MNIST/, FashionMNIST/, ...)")
     t.add_argument("--epochs", type=_positive_int, default=30)
     t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=5e-3)
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (vi, snr, ssvi) or SGHMC step size (em-sghmc); default: the method's DEFAULT_LR")
     t.add_argument("--prior", choices=PRIORS, default=None, help="gaussian (default) or spike-slab (em-sghmc: "
                    "spike-slab only, the default there)")
     t.add_argument("--prior-scale", type=_positive_float, default=1.0, help="σ of the Gaussian / slab")

@@ -15,19 +15,28 @@ toy-regression    (1,)                  float32    160 / 200        generated
 
 ``digits`` and ``toy-regression`` need no files. MNIST, Fashion-MNIST and CIFAR-10 are read
 from a folder laid out as ``torchvision.datasets`` expects; the files are parsed here with
-gzip/numpy/pickle, so nothing is written and no network is needed. ``download=True`` uses
-torchvision to fetch files that are missing.
+gzip/numpy and a restricted unpickler, so nothing is written and no network is needed.
+``download=True`` uses torchvision to fetch files that are missing.
+
+Dataset files may come from anyone: a file that cannot be read (corrupt, truncated, not a dataset
+file) is one ``ValueError`` naming the file, the problem and the fix, and a CIFAR-10 batch is
+unpickled with an unpickler that only rebuilds numpy arrays and plain containers, so a crafted
+batch cannot run code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib
+import numbers
 import os
 import pickle
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,8 +122,8 @@ class Dataset:
 def _subset(split: TensorDataset, n: int | None, gen: torch.Generator, label: str) -> TensorDataset:
     if n is None:
         return split
-    if n <= 0:
-        raise ValueError(f"subsample size for {label} must be positive; got {n}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+        raise ValueError(f"subsample size for {label} must be a positive integer (or None for all); got {n!r}")
     idx = torch.randperm(len(split), generator=gen)[:n]
     return TensorDataset(*(t[idx] for t in split.tensors))
 
@@ -185,19 +194,30 @@ def check_data(
         )
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError("inputs contain NaN or inf")
+    if y.ndim != 1:
+        raise ValueError(_target_shape_error(task, tuple(y.shape)))
     if task == "regression":
         if y.is_floating_point() and not torch.isfinite(y).all():
             raise ValueError("regression targets contain NaN or inf")
         return
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"labels must be integers (class indices); got dtype {y.dtype}")
-    if y.ndim != 1:
-        raise ValueError(f"labels must have shape (N,); got {tuple(y.shape)}")
+        raise ValueError(f"labels must be integers (class indices); got dtype {y.dtype}: convert them with y.long()")
     lo, hi = int(y.min()), int(y.max())
     if num_classes is not None and (lo < 0 or hi >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); found {hi if hi >= num_classes else lo}")
     if lo < 0:
         raise ValueError(f"labels must be non-negative; found {lo}")
+
+
+def _target_shape_error(task: str, shape: tuple[int, ...]) -> str:
+    """The message for targets that are not of shape (N,), with the usual fix."""
+    column = len(shape) == 2 and shape[1] == 1
+    shown = "(N, 1)" if column else str(shape)
+    if task == "classification":
+        fix = "use y.squeeze(1)" if column else "pass one class index per example (for one-hot targets y.argmax(1))"
+        return f"classification targets must have shape (N,) of class indices, got {shown}: {fix}"
+    fix = "use y.squeeze(1)" if column else "pass one target value per example"
+    return f"regression targets must have shape (N,), got {shown}: {fix}"
 
 
 def load(name: str, root: str | os.PathLike | None = None, download: bool = False) -> Dataset:
@@ -213,16 +233,23 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
         ValueError: unknown name.
         FileNotFoundError: files missing and ``download=False``.
         RuntimeError: ``download=True`` but the download failed.
+        TypeError: ``name``, ``root`` or ``download`` of the wrong type.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}: choose one of: {', '.join(DATASETS)}")
+    if root is not None:
+        resolve_root(root)  # refuse a root of the wrong type even for the datasets that read no files
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be True or False, got {download!r}")
     key = _canonical(name)
     if key == "digits":
         ds = _load_digits()
     elif key == "toy-regression":
         ds = _load_toy_regression()
     elif key in _IDX_DATASETS:
-        ds = _load_idx_dataset(key, _resolve_root(root), download)
+        ds = _load_idx_dataset(key, resolve_root(root), download)
     else:
-        ds = _load_cifar10(_resolve_root(root), download)
+        ds = _load_cifar10(resolve_root(root), download)
     for split in (ds.train, ds.test):
         check_data(*split.tensors, task=ds.task, num_classes=ds.num_classes, input_shape=ds.input_shape)
     return ds
@@ -236,9 +263,13 @@ def _canonical(name: str) -> str:
     return key
 
 
-def _resolve_root(root: str | os.PathLike | None) -> Path:
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The data folder: ``root`` (absolute or relative to the working directory), else the default."""
     if root is None:
         root = os.environ.get("PYRO_SPARSE_DATA") or "./data"
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or os.PathLike), got {type(root).__name__}: "
+                        "pass e.g. root='data'")
     return Path(root).expanduser()
 
 
@@ -285,22 +316,37 @@ def _load_toy_regression() -> Dataset:
 # --------------------------------------------------------------------------- MNIST / Fashion-MNIST
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions."""
+_REFETCH = "delete it and download it again (download=True), or restore the original file"
+
+# What reading a damaged file raises: gzip's CRC / header checks (OSError), a cut stream (EOFError), a
+# damaged deflate stream (zlib.error).
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The contents of ``path``, decompressed when it ends in ``.gz``; a damaged file is a ValueError."""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"could not read {path}: {err}") from None
+            return f.read()
+    except _READ_ERRORS as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise ValueError(f"{path} cannot be read ({reason}): the file is damaged or truncated; {_REFETCH}") from None
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions."""
+    raw = _read_bytes(path)
     header = 4 * (ndim + 1)
     if len(raw) < header:
-        raise ValueError(f"{path} is not an IDX file: too short")
+        raise ValueError(f"{path} is not an IDX file: it is too short ({len(raw)} bytes); {_REFETCH}")
     magic, *dims = np.frombuffer(raw, dtype=">u4", count=ndim + 1).tolist()
     if magic != 0x0800 + ndim:  # 0x08 = unsigned byte data; the low byte is the number of dimensions
-        raise ValueError(f"{path} is not a uint8 IDX file with {ndim} dimensions (magic number {magic:#x})")
+        raise ValueError(
+            f"{path} is not a uint8 IDX file with {ndim} dimensions (magic number {magic:#x}); {_REFETCH}"
+        )
     if len(raw) - header != int(np.prod(dims)):
         size = len(raw) - header
-        raise ValueError(f"{path} is truncated or corrupt: header says {dims}, found {size} bytes")
+        raise ValueError(f"{path} is truncated or corrupt: header says {dims}, found {size} bytes; {_REFETCH}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -331,34 +377,115 @@ def _load_idx_dataset(key: str, root: Path, download: bool) -> Dataset:
             "or download=True to fetch them."
         )
 
-    def split(images: Path, labels: Path) -> TensorDataset:
-        x = torch.from_numpy(_read_idx(images, 3).astype(np.float32))
-        x = x.div_(255.0).sub_(mean).div_(std).unsqueeze(1)
-        y = torch.from_numpy(_read_idx(labels, 1).astype(np.int64))
-        return TensorDataset(x, y)
-
-    train, test = split(paths[0], paths[1]), split(paths[2], paths[3])
+    train, test = _idx_split(paths[0], paths[1], mean, std), _idx_split(paths[2], paths[3], mean, std)
     return Dataset(key, train, test, "classification", 10, (1, 28, 28))
+
+
+def _idx_split(images: Path, labels: Path, mean: float, std: float) -> TensorDataset:
+    """One split from its image and label files: normalised (N, 1, 28, 28) images and (N,) labels."""
+    pixels = _read_idx(images, 3)
+    if pixels.shape[1:] != (28, 28):
+        raise ValueError(f"{images} holds images of {pixels.shape[1]}x{pixels.shape[2]} pixels, not 28x28: "
+                         f"it is not an MNIST file; {_REFETCH}")
+    classes = _read_idx(labels, 1)
+    if len(classes) != len(pixels):
+        raise ValueError(
+            f"{labels} holds {len(classes)} labels but {images} holds {len(pixels)} images: the files do not "
+            "belong together; delete both and download them again (download=True), or restore the original files"
+        )
+    x = torch.from_numpy(pixels.astype(np.float32)).div_(255.0).sub_(mean).div_(std).unsqueeze(1)
+    return TensorDataset(x, torch.from_numpy(classes.astype(np.int64)))
 
 
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def _load_cifar_batches(paths: Sequence[Path]) -> TensorDataset:
-    """Read CIFAR-10 python-pickle batches (trusted files: pickle can run code) into normalised tensors."""
-    xs, ys = [], []
-    for path in paths:
+def _numpy_global(module: str, name: str) -> Any:
+    """``numpy._core.<module>.<name>`` (numpy 2), else ``numpy.core.<module>.<name>`` (numpy 1)."""
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {module}.{name}")
+
+
+def _cifar_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR-10 batch needs: numpy's array, dtype and scalar reconstruction, and
+    ``_codecs.encode`` (how Python 3 pickles bytes at protocol 2)."""
+    import _codecs
+
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _codecs.encode}
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")):
+        value = _numpy_global(module, name)
+        allowed[(f"numpy.core.{module}", name)] = value
+        allowed[(f"numpy._core.{module}", name)] = value
+    return allowed
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR-10 batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and plain containers and refuses every other global."""
+
+    def __init__(self, handle, allowed: dict[tuple[str, str], Any]):
+        super().__init__(handle, encoding="bytes")
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(f"{module}.{name}") from None
+
+
+def _unpickle_cifar_batch(path: Path) -> Any:
+    """The object in a CIFAR-10 batch file, read with ``_CifarUnpickler``; a refused or damaged file is a
+    ValueError naming it."""
+    try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = batch.get(b"data", batch.get("data"))
-        labels = batch.get(b"labels", batch.get("labels"))
-        if data is None or labels is None:
-            raise ValueError(f"{path} is not a CIFAR-10 batch: it lacks 'data' or 'labels'")
-        data = np.asarray(data, dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels, dtype=np.int64))
+            return _CifarUnpickler(f, _cifar_globals()).load()
+    except _ForbiddenGlobal as err:
+        raise ValueError(
+            f"{path} was refused: it asks to load {err}, which a CIFAR-10 batch never holds (a crafted pickle "
+            f"can run code); it is not a CIFAR-10 batch: {_REFETCH}"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        raise ValueError(
+            f"{path} cannot be read as a CIFAR-10 batch ({reason}): the file is damaged or truncated; {_REFETCH}"
+        ) from None
+
+
+def _cifar_batch_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one CIFAR-10 batch file."""
+    batch = _unpickle_cifar_batch(path)
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict; {_REFETCH}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it lacks 'data' or 'labels'; {_REFETCH}")
+    try:
+        data, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: its data or labels are not numbers ({err}); {_REFETCH}") \
+            from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}; {_REFETCH}")
+    if labels.shape != (len(data),):
+        raise ValueError(
+            f"{path} holds {len(data)} images but labels of shape {labels.shape}: the file is damaged; {_REFETCH}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar_batches(paths: Sequence[Path]) -> TensorDataset:
+    """Read CIFAR-10 python-pickle batches (with a restricted unpickler) into normalised tensors."""
+    xs, ys = zip(*(_cifar_batch_arrays(path) for path in paths), strict=True)
     x = torch.from_numpy(np.concatenate(xs).astype(np.float32)).div_(255.0)
     mean = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)

@@ -10,7 +10,7 @@ from . import metrics
 from .data import as_tensors
 from .guides.meanfield import MeanField
 from .model import BayesianNetwork
-from .posterior import Posterior
+from .posterior import Posterior, check_guide_type, check_model_type, check_positive_int
 
 
 def inference_flops(model: BayesianNetwork, active: dict[str, int], example: torch.Tensor) -> dict[str, int]:
@@ -39,10 +39,21 @@ def evaluate(
     Returns a flat dict: for classification accuracy, nll, ece, brier, mean_sample_accuracy; for
     regression rmse, nll, coverage_95, predictive_std; and always total_weights, active_weights,
     sparsity (fraction of Bayesian weights exactly zero) and inference_flops (per example).
+
+    Raises:
+        TypeError: ``model`` is not a BayesianNetwork or ``guide`` neither a guide nor a Posterior
+            (e.g. the two swapped), or ``data`` is not an (x, y) pair / dataset.
+        ValueError: ``num_samples`` or ``batch_size`` not a positive integer, a guide or posterior of
+            another model, or data the model cannot take.
     """
+    check_model_type(model, "evaluate")
+    check_guide_type(guide, "evaluate", posterior_too=True)
+    num_samples = check_positive_int("num_samples", num_samples)
+    batch_size = check_positive_int("batch_size", batch_size)
+    posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
+    posterior.check_model(model)
     x, y = as_tensors(getattr(data, "test", data))
     model.check_batch(x, y)
-    posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
     outputs = posterior.predict(x, num_samples=num_samples, batch_size=batch_size)
     return summarize(model, posterior, outputs, x, y)
 

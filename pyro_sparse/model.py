@@ -184,25 +184,60 @@ class BayesianNetwork(nn.Module):
         return sum(site.numel for site in self.sites.values())
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Raise ValueError when the network cannot take ``x`` or the likelihood cannot observe ``y``."""
-        if x.numel() == 0 or x.shape[0] == 0:
-            raise ValueError("dataset is empty")
+        """Raise ValueError when the network cannot take ``x`` or the likelihood cannot observe ``y``.
+
+        The network is probed on up to two examples in eval mode (so BatchNorm and dropout behave
+        as in prediction and no running statistics change); every submodule's train/eval mode is
+        restored afterwards.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}: convert them with "
+                            "torch.as_tensor(x, dtype=torch.float32)")
+        if x.dim() == 0:
+            raise ValueError("inputs must have a leading batch dimension, got a scalar: pass x of shape (N, ...)")
+        if x.numel() == 0:
+            raise ValueError("dataset is empty: pass at least one example")
         if not torch.isfinite(x).all():
-            raise ValueError("inputs contain NaN or inf")
-        probe = x[:1].to(next(iter(self.net.buffers())).device)
-        try:
-            with torch.no_grad():
-                output = self.net(probe)
-        except RuntimeError as error:
-            first_line = str(error).splitlines()[0]
-            raise ValueError(
-                f"wrong input shape: the network cannot take examples of shape {tuple(x.shape[1:])} "
-                f"({first_line})"
-            ) from None
+            raise ValueError("inputs contain NaN or inf: remove or impute those examples")
+        output = self._probe(x)
         if y is not None:
-            if len(y) != len(x):
-                raise ValueError(f"inputs and targets differ in length: {len(x)} and {len(y)}")
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}: convert them with "
+                                "torch.as_tensor(y)")
+            if y.dim() == 0 or len(y) != len(x):
+                raise ValueError(f"inputs and targets differ in length: {len(x)} and {len(y) if y.dim() else 0}: "
+                                 "give one target per example")
             self.likelihood.check_targets(y, output.shape[-1] if output.dim() > 1 else 1)
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype of the network's parameters and buffers (None if it has none)."""
+        tensors = itertools.chain(self.net.parameters(), self.net.buffers())
+        return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+    def _probe(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output for the first (up to) two examples of ``x``, computed in eval mode."""
+        probe = x[:2].to(next(iter(self.net.buffers())).device)
+        modes = [(module, module.training) for module in self.net.modules()]
+        try:
+            self.net.eval()
+            with torch.no_grad():
+                return self.net(probe)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise ValueError(self._probe_failure(x, error)) from None
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _probe_failure(self, x: torch.Tensor, error: BaseException) -> str:
+        """Why the network could not take ``x``: its dtype when that differs, else its shape."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        computes = self._compute_dtype()
+        if computes is not None and x.dtype != computes:
+            fix = {torch.float32: "x.float()", torch.float64: "x.double()", torch.float16: "x.half()",
+                   torch.bfloat16: "x.bfloat16()"}.get(computes, f"x.to({computes})")
+            return (f"inputs have dtype {x.dtype} but the network computes in {computes}: convert them with {fix} "
+                    f"({first_line})")
+        return f"wrong input shape: the network cannot take examples of shape {tuple(x.shape[1:])} ({first_line})"
 
     # ----------------------------------------------------------------------------------------
     # The Pyro model

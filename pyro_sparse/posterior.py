@@ -3,6 +3,7 @@ posterior predictive computed from them; ``to_arviz`` hands the draws to ArviZ."
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,33 @@ from .guides.meanfield import MeanField
 from .model import BayesianNetwork
 
 WeightDraw = dict[str, torch.Tensor]
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int; a ValueError naming the argument unless it is an integer >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_model_type(model: Any, where: str) -> None:
+    """A TypeError unless ``model`` is a ``BayesianNetwork`` (e.g. when a guide and a model are swapped)."""
+    if not isinstance(model, BayesianNetwork):
+        raise TypeError(
+            f"{where}: model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}: pass the model "
+            "first, e.g. ps.BayesianNetwork(net, dataset_size=N)"
+        )
+
+
+def check_guide_type(guide: Any, where: str, posterior_too: bool = False) -> None:
+    """A TypeError unless ``guide`` is a pyro-sparse guide (or, with ``posterior_too``, a Posterior)."""
+    if isinstance(guide, MeanField) or (posterior_too and isinstance(guide, Posterior)):
+        return
+    also = " or a Posterior" if posterior_too else ""
+    raise TypeError(
+        f"{where}: guide must be a pyro-sparse guide (MeanField, SNRPruned, SparseSubspace){also}, got "
+        f"{type(guide).__name__}: build one with ps.guides.MeanField(model)"
+    )
 
 
 class Posterior:
@@ -48,6 +76,11 @@ class Posterior:
 
     @classmethod
     def from_guide(cls, model: BayesianNetwork, guide: MeanField) -> Posterior:
+        """Fresh draws from the guide ``guide`` of ``model`` (built for ``model`` or its architecture)."""
+        check_model_type(model, "Posterior.from_guide")
+        check_guide_type(guide, "Posterior.from_guide")
+        guide.check_model(model)
+
         def draw(num_samples: int) -> Iterator[WeightDraw]:
             for _ in range(num_samples):
                 yield guide.sample_weights()
@@ -76,14 +109,9 @@ class Posterior:
         the non-zero weights per site of the draw with the most of them (what one forward pass costs;
         chains may prune different weights).
         """
-        missing = set(model.sites) - set(samples)
-        if missing:
-            raise ValueError(f"samples lack the Bayesian sites {sorted(missing)}")
-        sizes = {len(value) for value in samples.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"samples must hold the same number of draws per site, got {sorted(sizes)}")
-        stored = sizes.pop()
-        if int(chains) != chains or chains < 1 or stored % chains:
+        check_model_type(model, "Posterior.from_samples")
+        stored = _check_samples(model, samples)
+        if isinstance(chains, bool) or not isinstance(chains, numbers.Integral) or chains < 1 or stored % chains:
             raise ValueError(f"chains must be a positive integer dividing the {stored} draws, got {chains!r}")
         samples = dict(samples)
 
@@ -113,9 +141,23 @@ class Posterior:
 
     def draws(self, num_samples: int) -> Iterator[WeightDraw]:
         """Up to ``num_samples`` weight draws (all stored ones at most)."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        return self._draw(num_samples)
+        return self._draw(check_positive_int("num_samples", num_samples))
+
+    def check_model(self, model: BayesianNetwork) -> None:
+        """Raise ValueError unless these draws fit ``model`` (its own model, or one with the same sites)."""
+        check_model_type(model, "Posterior")
+        if model is self.model:
+            return
+        if self.guide is not None:
+            self.guide.check_model(model)
+            return
+        mine = {name: tuple(site.shape) for name, site in self.model.sites.items()}
+        theirs = {name: tuple(site.shape) for name, site in model.sites.items()}
+        if mine != theirs:
+            raise ValueError(
+                f"this posterior holds draws of another model (sites {_first_difference(mine, theirs)}): "
+                "evaluate it with the model it was sampled for, posterior.model"
+            )
 
     def active_counts(self) -> dict[str, int]:
         """Site name -> number of weights that are not exactly zero."""
@@ -135,6 +177,9 @@ class Posterior:
 
         Every draw is one whole network, shared by all N examples.
         """
+        num_samples = check_positive_int("num_samples", num_samples)
+        batch_size = check_positive_int("batch_size", batch_size)
+        self.model.check_batch(x)
         device = next(iter(self.model.net.buffers())).device
         was_training = self.model.training
         self.model.eval()
@@ -150,6 +195,11 @@ class Posterior:
 
     def predict_proba(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
         """Posterior predictive class probabilities averaged over draws: (N, C)."""
+        if self.model.likelihood.task != "classification":
+            raise ValueError(
+                f"predict_proba is for classification, but this model's likelihood is {self.model.likelihood.task}: "
+                "use predict(x) for the predicted means"
+            )
         return self.predict(x, num_samples, batch_size).softmax(-1).mean(0)
 
     def evaluate(self, data, num_samples: int = 32, batch_size: int = 1024) -> dict[str, Any]:
@@ -180,3 +230,32 @@ class Posterior:
 
         return build(self, data=data, var_names=var_names, max_weights=max_weights, num_draws=num_draws,
                      batch_size=batch_size)
+
+
+def _check_samples(model: BayesianNetwork, samples: Mapping[str, torch.Tensor]) -> int:
+    """The number of stored draws S, after checking that ``samples`` holds (S, *site shape) per site."""
+    if not isinstance(samples, Mapping):
+        raise TypeError(f"samples must be a dict of site name -> tensor (S, ...), got {type(samples).__name__}")
+    missing = set(model.sites) - set(samples)
+    if missing:
+        raise ValueError(f"samples lack the Bayesian sites {sorted(missing)}: give draws for every site of model.sites")
+    not_tensors = sorted(name for name, value in samples.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise TypeError(f"samples of {not_tensors[:3]} are not tensors: convert them with torch.as_tensor")
+    for name, site in model.sites.items():
+        shape = tuple(samples[name].shape)
+        if not shape or shape[1:] != tuple(site.shape):
+            expected = ", ".join(["S", *map(str, site.shape)])
+            raise ValueError(f"samples[{name!r}] has shape {shape}, expected ({expected}): one draw per row")
+    sizes = {len(value) for value in samples.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"samples must hold the same number of draws per site, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _first_difference(mine: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]]) -> str:
+    """The first site whose presence or shape differs between two {site: shape} maps, as "A vs B"."""
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            return f"{name} {mine.get(name, 'absent')} vs {theirs.get(name, 'absent')}"
+    return "identical"

@@ -309,3 +309,122 @@ def test_as_tensors_reads_any_map_style_dataset_of_pairs() -> None:
 
     with pytest.raises(ValueError, match="expected dataset items to be \\(x, y\\) pairs"):
         as_tensors(Singles())
+
+
+# --------------------------------------------------------------------------- damaged and crafted dataset files
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_flip_middle_byte, "cannot be read .*damaged or truncated"),
+        (lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]), "damaged or truncated"),
+        (lambda path: path.write_bytes(b"not gzip at all"), "cannot be read"),
+        (lambda path: path.write_bytes(b""), "cannot be read|too short"),
+    ],
+    ids=["bit-flip", "truncated", "not-gzip", "empty"],
+)
+def test_a_damaged_gz_file_is_one_value_error_naming_it(tmp_path: Path, damage, problem) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_mnist(raw, gz=True, n_train=200)
+    damaged = raw / "train-images-idx3-ubyte.gz"
+    damage(damaged)
+    with pytest.raises(ValueError, match=problem) as err:
+        load("mnist", root=tmp_path)
+    message = str(err.value)
+    assert str(damaged) in message and "download it again" in message and "\n" not in message
+    assert err.value.__cause__ is None
+
+
+@pytest.mark.parametrize("n_labels", [11, 13])
+def test_train_labels_of_the_wrong_count(tmp_path: Path, n_labels: int) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_mnist(raw, gz=False)
+    write_idx(raw / "train-labels-idx1-ubyte", np.arange(n_labels) % 10)
+    with pytest.raises(ValueError, match=f"holds {n_labels} labels but .*train-images-idx3-ubyte holds 12 images"):
+        load("mnist", root=tmp_path)
+
+
+def test_images_of_the_wrong_size(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_mnist(raw, gz=False)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((5, 20, 20)))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte holds images of 20x20 pixels, not 28x28"):
+        load("mnist", root=tmp_path)
+
+
+def test_a_relative_root_is_read_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_mnist(tmp_path / "datasets" / "MNIST" / "raw", gz=True)
+    monkeypatch.chdir(tmp_path)
+    assert len(load("mnist", root="datasets").train) == 12
+    assert len(load("mnist", root=Path("datasets")).test) == 5
+
+
+class _TouchOnUnpickle:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["data", "labels", "top"])
+def test_a_cifar_batch_with_code_in_it_is_refused_and_never_run(tmp_path: Path, where: str) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(folder)
+    marker = tmp_path / "pwned"
+    batch = {b"data": np.zeros((20, 3072), dtype=np.uint8), b"labels": [0] * 20}
+    crafted = _TouchOnUnpickle(marker)
+    if where == "top":
+        batch = crafted
+    else:
+        batch[where.encode()] = crafted
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch))
+    pickle.loads(pickle.dumps(_TouchOnUnpickle(tmp_path / "control")))  # the payload is real
+    assert (tmp_path / "control").exists()
+    with pytest.raises(ValueError, match="data_batch_3 was refused: it asks to load pathlib.*Path.touch") as err:
+        load("cifar10", root=tmp_path)
+    assert not marker.exists()
+    assert "download" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path: Path, protocol: int) -> None:
+    """The allowlist covers how numpy arrays, numpy scalars and bytes pickle at protocol 2 (as the
+    original Python 2 files), 4 and 5."""
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(folder)
+    batch = {b"data": np.full((20, 3072), 255, dtype=np.uint8), b"labels": [np.int64(i % 10) for i in range(20)],
+             b"batch_label": b"test batch", b"filenames": [b"a.png"] * 20}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    x, y = load("cifar10", root=tmp_path).test.tensors
+    assert y.tolist() == [i % 10 for i in range(20)]
+    assert x[0, 0, 0, 0].item() == pytest.approx((1 - 0.4914) / 0.2470, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (lambda good: good[: len(good) // 2], "cannot be read as a CIFAR-10 batch"),
+        (lambda good: b"", "cannot be read as a CIFAR-10 batch"),
+        (lambda good: pickle.dumps([1, 2, 3]), "not a CIFAR-10 batch: it holds a list"),
+        (lambda good: pickle.dumps({b"data": np.zeros((20, 3072), dtype=np.uint8)}), "lacks 'data' or 'labels'"),
+        (lambda good: pickle.dumps({b"data": np.zeros((20, 3072), dtype=np.uint8), b"labels": [1] * 19}),
+         "holds 20 images but labels of shape \\(19,\\)"),
+    ],
+    ids=["truncated", "empty", "a-list", "no-labels", "label-count"],
+)
+def test_a_damaged_cifar_batch_is_one_value_error_naming_it(tmp_path: Path, content, problem) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(folder)
+    path = folder / "data_batch_2"
+    path.write_bytes(content(path.read_bytes()))
+    with pytest.raises(ValueError, match=problem) as err:
+        load("cifar10", root=tmp_path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

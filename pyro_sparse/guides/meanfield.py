@@ -261,6 +261,30 @@ class MeanField(nn.Module):
             for name in self.site_info
         })
 
+    def check_model(self, model: BayesianNetwork) -> None:
+        """Raise ValueError unless ``model`` has exactly this guide's Bayesian sites (names and shapes).
+
+        The guide keeps its sites, not the model it was built from: a model of the same architecture
+        (rebuilt, e.g. to load a checkpoint into) is accepted; one with other sites is refused.
+        """
+        check_model(model)  # the module-level function: a BayesianNetwork at all
+        mine = {name: tuple(site.shape) for name, site in self.site_info.items()}
+        theirs = {name: tuple(site.shape) for name, site in model.sites.items()}
+        if mine == theirs:
+            return
+        differences = []
+        reshaped = [f"{name} {shape} vs {theirs[name]}" for name, shape in mine.items()
+                    if theirs.get(name, shape) != shape]
+        if reshaped:
+            differences.append(f"shapes {', '.join(reshaped[:3])}")
+        for owner, names in (("guide", set(mine) - set(theirs)), ("model", set(theirs) - set(mine))):
+            if names:
+                differences.append(f"only the {owner} has {', '.join(sorted(names)[:3])}")
+        raise ValueError(
+            f"this guide was built for another model (sites of the guide vs the model: {'; '.join(differences)}): "
+            f"build the guide from the model you train/evaluate, e.g. ps.guides.{type(self).__name__}(model)"
+        )
+
     # ----------------------------------------------------------------------------------------
     # Access by site name
     # ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 A recipe is a module with
 
 - ``OPTIONS``: the method-specific command-line options it reads (the CLI rejects the others);
+- ``DEFAULT_LR``: ``--lr`` when it is not given (a learning rate, or em-sghmc's step size);
 - ``train(config, model, dataset, out) -> TrainedRun``: trains ``model`` on ``dataset.train``, writing
   its checkpoint to ``out / "checkpoint.pt"`` (atomically, so ``--resume`` continues it);
 - ``restore(config, model, saved) -> Posterior``: the posterior of a run from its checkpoint;

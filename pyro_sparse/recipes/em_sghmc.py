@@ -28,6 +28,7 @@ from ..posterior import Posterior
 from ..priors import SpikeAndSlab
 from . import CHECKPOINT, TrainedRun
 
+DEFAULT_LR = 5e-3  # the SGHMC step size ε (--lr)
 OPTIONS: frozenset[str] = frozenset({"sparsity", "chains"})
 # The step size, the epochs (burn-in is half of them) and the draws per chain fix the chain: none may change.
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset()

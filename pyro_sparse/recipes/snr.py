@@ -31,6 +31,7 @@ from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
 
+DEFAULT_LR = 5e-3  # Adam's learning rate of the dense phase (and of the fine-tuning unless --finetune-lr)
 OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr", "kl_weight", "warmup_epochs"})
 DENSE_CHECKPOINT = "dense.pt"
 CHECKPOINTS = (DENSE_CHECKPOINT, CHECKPOINT)

@@ -26,6 +26,7 @@ from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
 
+DEFAULT_LR = 5e-3  # Adam's learning rate
 OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs"})
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 DEFAULT_DENSITY = 0.1
