@@ -1,21 +1,31 @@
-"""PNG plots written by the CLI: training curves and reliability diagrams (matplotlib, Agg)."""
+"""Figures of a run: training curves, reliability diagrams, SNR histograms.
+
+Each function returns a ``matplotlib.figure.Figure`` and writes it to ``path`` only when one is given.
+The figures are built without pyplot, so this module never touches matplotlib's backend or pyplot's
+global figure list: in Jupyter a returned figure is shown inline, in a script it is only saved.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 
-def training_curve(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def training_curve(history: Sequence[Mapping[str, float]], path: str | os.PathLike | None = None) -> Figure:
     """Loss (−ELBO per example), NLL per example and KL (nats) against epoch."""
     epochs = [record["epoch"] for record in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
     left.plot(epochs, [r["loss"] for r in history], label="−ELBO / N")
     left.plot(epochs, [r["nll"] for r in history], label="NLL / N")
     left.set_xlabel("epoch")
@@ -24,18 +34,19 @@ def training_curve(history: Sequence[Mapping[str, float]], path: str | os.PathLi
     right.plot(epochs, [r["kl"] for r in history], color="tab:red")
     right.set_xlabel("epoch")
     right.set_ylabel("KL(q ‖ p) (nats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle("training curve", fontsize=10)
+    return _finish(fig, path)
 
 
-def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
+def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None,
+                        title: str = "") -> Figure:
     """Accuracy against confidence per bin (``metrics.reliability`` output), with the diagonal."""
     edges = bins["edges"].tolist()
     centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     width = edges[1] - edges[0]
     filled = bins["count"] > 0
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     ax.bar([c for c, f in zip(centers, filled, strict=True) if f], bins["accuracy"][filled].tolist(),
            width=width, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
@@ -43,26 +54,25 @@ def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLik
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(title or "reliability diagram", fontsize=9)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _finish(fig, path)
 
 
 def snr_histogram(
     snr: Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     thresholds: float | Mapping[str, float] | None = None,
     title: str = "",
-) -> None:
+) -> Figure:
     """Histogram of the signal-to-noise ratios |μ| / σ of each site (log-x), with the pruning threshold:
     one black line for a single threshold, or one line per site in its colour."""
     values = {name: ratio.detach().flatten().cpu().clamp_min(1e-6) for name, ratio in snr.items()}
     low = min(float(v.min()) for v in values.values())
     high = max(float(v.max()) for v in values.values())
     bins = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high * 1.01)), 61).tolist()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for index, (name, ratio) in enumerate(values.items()):
         color = f"C{index % 10}"
         ax.hist(ratio.numpy(), bins=bins, histtype="step", color=color, label=f"{name} ({ratio.numel()})")
@@ -76,6 +86,4 @@ def snr_histogram(
     ax.set_ylabel("weights")
     ax.set_title(title + ("\n(dashed: per-layer thresholds)" if isinstance(thresholds, Mapping) else ""), fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _finish(fig, path)
