@@ -277,3 +277,11 @@ def test_a_missing_device_is_named_rather_than_blamed_on_the_file(tmp_path):
     path = checkpoint.save({"value": torch.arange(3)}, tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="tensors cannot be placed on cuda .*: load it with map_location='cpu'"):
         checkpoint.load(path, map_location="cuda")
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp makes its file private (0600); a run folder's files must be readable as any other file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = checkpoint.save({"value": torch.arange(3)}, tmp_path / "checkpoint.pt")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
