@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -51,7 +52,7 @@ MAX_HEADER_BYTES = 4096
 """Longest header line ``load`` accepts (a longer one is not ours)."""
 
 _HEADER_FIELDS = {"format": int, "package_version": str, "payload_bytes": int, "payload_sha256": str}
-_PLAIN_LEAVES = (torch.Tensor, torch.Size, torch.dtype, torch.device, str, bytes, int, float, bool, type(None))
+_PLAIN_LEAVES = (torch.Size, torch.dtype, torch.device, str, bytes, int, float, bool, type(None))
 _CONTAINERS = (dict, OrderedDict, list, tuple)
 
 
@@ -104,9 +105,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
 
+def plain(value: Any) -> Any:
+    """``value`` with every numpy scalar (``np.float64(0.01)``, ``np.int64(3)``) replaced by the Python
+    scalar it holds; ``value`` itself when it has none (state dicts keep their type and metadata)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in _CONTAINERS:
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        converted = [(key, plain(item)) for key, item in items]
+        if all(new is old for (_, new), (_, old) in zip(converted, items, strict=True)):
+            return value
+        if isinstance(value, dict):
+            return type(value)(converted)
+        return type(value)(item for _, item in converted)
+    return value
+
+
 def check_plain_data(value: Any, where: str = "state") -> None:
-    """Raise TypeError unless ``value`` is tensors and plain data that ``torch.load(weights_only=True)`` reads."""
-    if isinstance(value, _PLAIN_LEAVES):
+    """Raise TypeError unless ``value`` is tensors and plain data that ``torch.load(weights_only=True)`` reads.
+
+    Leaves are compared by exact type (``np.float64`` is a ``float`` subclass that the loader refuses).
+    """
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_LEAVES:
         return
     if type(value) not in _CONTAINERS:
         raise TypeError(
@@ -137,6 +157,7 @@ def encode(state: dict[str, Any]) -> bytes:
     """The bytes of a checkpoint file holding ``state`` (header and payload)."""
     if not isinstance(state, dict):
         raise TypeError(f"a checkpoint state must be a dict, got {type(state).__name__}: wrap it, e.g. {{'value': x}}")
+    state = plain(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)  # first, so that its own errors reach the caller unchanged
     check_plain_data(state)
@@ -244,7 +265,19 @@ def _unpickling_reason(error: BaseException) -> str:
     return detail.split(". ")[0].rstrip(".")[:160]
 
 
+def _storage_location(map_location: str | torch.device | None) -> str | torch.device | None:
+    """``map_location`` as ``torch.load`` understands it: it knows "cpu" but not "cpu:0"."""
+    if map_location is None:
+        return None
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        return map_location  # torch.load says what is wrong with it
+    return "cpu" if device.type == "cpu" else device
+
+
 def _unpickle(path: Path, payload: bytes, map_location: str | torch.device | None) -> dict[str, Any]:
+    map_location = _storage_location(map_location)
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as error:  # any failure of unpickling the payload means the same: refuse the file
@@ -317,6 +350,7 @@ __all__ = [
     "header_bytes",
     "load",
     "package_version",
+    "plain",
     "read_header",
     "save",
 ]

@@ -26,13 +26,13 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors
-from .errors import TrainingDiverged
+from .errors import CheckpointError, TrainingDiverged
 from .evaluation import evaluate, summarize
 from .infer.svi import History
 from .model import BayesianNetwork
 from .recipes import CHECKPOINT, CHECKPOINT_FILES, TrainedRun, recipe
-from .run_folder import RunFolder, check_writable, existing_outputs, remove_outputs
-from .run_options import METHOD_OPTIONS, flag, resume_changes
+from .run_folder import RunFolder, check_writable, existing_outputs, in_use, remove_outputs
+from .run_options import METHOD_OPTIONS, RUN_OPTIONS, flag, resume_changes
 
 
 class UsageError(ValueError):
@@ -107,6 +107,9 @@ def load_dataset(config: dict[str, Any]) -> datasets.Dataset:
 # 0.01 are not pruned but held near zero, and lenet5 underfits (benchmarks/em_sghmc.py).
 DEFAULT_SPIKE_SCALE = {"em-sghmc": 0.001}
 
+DEFAULT_INCLUSION = 0.5  # π of the spike-and-slab prior when --inclusion is not given
+SPIKE_AND_SLAB_OPTIONS = ("spike_scale", "inclusion")
+
 # Defaults of options that only some methods read (None in the parser, so that the others can refuse them).
 METHOD_DEFAULTS: dict[str, Any] = {"kl_weight": 1.0, "warmup_epochs": 0}
 PRIORS = ("gaussian", "spike-slab")  # the first is the default; a recipe's PRIORS narrows the choice
@@ -159,11 +162,12 @@ def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, 
 def check_config(config: dict[str, Any]) -> ModuleType:
     """Check the options against each other (after argparse checked each one); returns the recipe.
 
-    Fills the defaults that depend on the method and makes ``--data-root`` absolute, so that the
-    stored configuration rebuilds the run from any working directory.
+    Fills the defaults that depend on the method, writes names in their canonical form and makes
+    ``--data-root`` absolute, so that the stored configuration rebuilds the run from any folder.
     """
     method = recipe(config["method"])
-    check_device(config["device"])
+    config["device"] = check_device(config["device"])
+    config["data"] = datasets.canonical_name(config["data"])
     kl_weight = config.get("kl_weight")
     if kl_weight is not None and (not math.isfinite(kl_weight) or kl_weight < 0):
         raise UsageError(f"--kl-weight must be a number >= 0, got {kl_weight}")
@@ -174,17 +178,23 @@ def check_config(config: dict[str, Any]) -> ModuleType:
     for option in METHOD_OPTIONS:
         if config.get(option) is not None and option not in method.OPTIONS:
             raise UsageError(f"{flag(option)} does not apply to --method {config['method']}")
+    if config.get("hidden") is not None and config["net"] != "mlp":
+        raise UsageError(f"--hidden sets the widths of --net mlp; it does not apply to --net {config['net']}")
     priors_allowed = getattr(method, "PRIORS", PRIORS)
-    if config.get("prior") is not None and config["prior"] not in priors_allowed:
-        raise UsageError(f"--method {config['method']} needs --prior {' or '.join(priors_allowed)}, "
-                         f"got {config['prior']}")
+    prior = config.get("prior") or priors_allowed[0]
+    if prior not in priors_allowed:
+        raise UsageError(f"--method {config['method']} needs --prior {' or '.join(priors_allowed)}, got {prior}")
+    for option in SPIKE_AND_SLAB_OPTIONS:
+        if config.get(option) is not None and prior != "spike-slab":
+            raise UsageError(f"{flag(option)} applies to --prior spike-slab; this run's prior is {prior}")
     fill_method_defaults(config, method)
     config["data_root"] = str(datasets.resolve_root(config.get("data_root")).resolve())
     return method
 
 
 def fill_method_defaults(config: dict[str, Any], method: ModuleType) -> None:
-    """The defaults that depend on --method: the prior, σ₀, and the options only some methods read."""
+    """The defaults that depend on --method: the learning rate, the prior and its hyperparameters, and
+    the options only some methods read."""
     for option, default in METHOD_DEFAULTS.items():
         if config.get(option) is None and option in method.OPTIONS:
             config[option] = default
@@ -192,45 +202,132 @@ def fill_method_defaults(config: dict[str, Any], method: ModuleType) -> None:
         config["lr"] = method.DEFAULT_LR
     if config.get("prior") is None:
         config["prior"] = getattr(method, "PRIORS", PRIORS)[0]
-    if config.get("spike_scale") is None:
-        config["spike_scale"] = DEFAULT_SPIKE_SCALE.get(config["method"], 0.01)
+    if config["prior"] == "spike-slab":
+        if config.get("spike_scale") is None:
+            config["spike_scale"] = DEFAULT_SPIKE_SCALE.get(config["method"], 0.01)
+        if config.get("inclusion") is None:
+            config["inclusion"] = DEFAULT_INCLUSION
 
 
-def _latest_checkpoint(method: ModuleType, out: Path) -> Path | None:
-    """The checkpoint of the run's latest phase in ``out`` (recipes with phases list them in order)."""
-    for name in reversed(getattr(method, "CHECKPOINTS", (CHECKPOINT,))):
-        if (out / name).is_file():
-            return out / name
-    return None
+# Options that a resumed run takes from this command even when not given (they describe this machine).
+NOT_FROM_CHECKPOINT = frozenset({"out", "resume", "overwrite", "device"})
 
 
-def _check_earlier_run(method: ModuleType, config: dict[str, Any], out: Path) -> None:
-    """Refuse to touch an earlier run without --resume or --overwrite; compare the options on --resume."""
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The ``train`` options that ``argv`` gives explicitly (the others take their defaults)."""
+    parser = make_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def stored_options(saved: Any, path: Path) -> dict[str, Any]:
+    """The run options stored in a checkpoint, checked the way the command line checks them.
+
+    Raises:
+        CheckpointError: the checkpoint holds no options, or options no command line could give.
+    """
+    metadata = saved.get("metadata") if isinstance(saved, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("method"), str):
+        raise CheckpointError(path, "it holds no run options (it was not written by `pyro-sparse train`)")
+    argv = ["train"]
+    for option, value in metadata.items():
+        if option not in RUN_OPTIONS or option in NOT_FROM_CHECKPOINT or value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [flag(option)] if value else []
+        elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            argv += [flag(option), *map(str, value)]
+        elif isinstance(value, str | int | float):
+            argv += [f"{flag(option)}={value}"]
+        else:
+            raise CheckpointError(path, f"its stored option {flag(option)} is a {type(value).__name__}: it was not "
+                                        "written by `pyro-sparse train`")
+    try:
+        parsed = vars(make_parser().parse_args([*argv, "--out", str(path.parent)]))
+    except UsageError as error:
+        raise CheckpointError(path, f"its stored options are invalid ({error}): it was not written by `pyro-sparse "
+                                    "train`") from None
+    options = {option: parsed.get(option) for option in RUN_OPTIONS if option in metadata}
+    changes = metadata.get("resume_changes", [])
+    options["resume_changes"] = [str(c) for c in changes] if isinstance(changes, list) else []
+    return options
+
+
+def _epochs_done(saved: dict[str, Any], path: Path) -> int:
+    epoch = saved.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(path, "it does not say how many epochs it holds: it was not written by pyro-sparse")
+    return epoch
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    """The run's latest checkpoint in ``out`` (the final phase's, else snr's dense phase's)."""
+    return next((out / name for name in CHECKPOINT_FILES if (out / name).is_file()), None)
+
+
+def _prepare_resume(config: dict[str, Any], given: set[str], out: Path) -> tuple[dict[str, Any], Path] | None:
+    """For --resume: the run's checkpoint (loaded) and its path; the options this command does not give
+    are taken from it. None when there is nothing to resume."""
+    latest = _find_checkpoint(out) if out.is_dir() else None
+    if latest is None:
+        return None
+    saved = checkpoints.load(latest)
+    stored = stored_options(saved, latest)
+    for option, value in stored.items():
+        if option not in given and option not in NOT_FROM_CHECKPOINT:
+            config[option] = value
+    return saved, latest
+
+
+def _check_earlier_run(method: ModuleType, config: dict[str, Any], out: Path,
+                       resumed: tuple[dict[str, Any], Path] | None) -> None:
+    """Refuse a busy folder, and an earlier run without --resume or --overwrite; on --resume compare
+    the options with the checkpoint's and record the changes that apply from the next epoch."""
+    holder = in_use(out) if out.is_dir() else None
+    if holder is not None:
+        raise UsageError(f"--out {out} is in use by another pyro-sparse run ({holder}): wait for it to end, or "
+                         "choose another --out")
     earlier = existing_outputs(out) if out.is_dir() else []
-    if config["resume"]:
-        latest = _latest_checkpoint(method, out)
-        if latest is None:
-            if earlier:
-                raise UsageError(f"--resume: {out} holds no checkpoint to continue from ({', '.join(earlier)}): "
-                                 f"pass --overwrite to start afresh")
-            return
-        saved = checkpoints.load(latest)
-        changes = resume_changes(saved["metadata"], config, method, str(out))
-        config["resume_changes"] = [*saved["metadata"].get("resume_changes", []),
-                                    *(f"{change} from epoch {saved['epoch'] + 1}" for change in changes)]
-    elif earlier and not config.get("overwrite"):
-        raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out")
+    if not config["resume"]:
+        if earlier and not config.get("overwrite"):
+            raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+        return
+    if resumed is None:
+        if earlier:
+            raise UsageError(f"--resume: {out} holds no checkpoint to continue from ({', '.join(earlier)}): "
+                             f"pass --overwrite to start afresh")
+        return
+    saved, latest = resumed
+    stored = stored_options(saved, latest)
+    if stored["method"] != config["method"]:
+        raise UsageError(f"--resume: {out} holds a --method {stored['method']} run, this command gives "
+                         f"--method {config['method']}: repeat it, or train a new run in another --out")
+    changes = resume_changes(stored, config, method, str(out))
+    done = _epochs_done(saved, latest)
+    phase_option = getattr(method, "PHASE_EPOCHS", {}).get(latest.name, "epochs")
+    if config.get(phase_option) is not None and config[phase_option] < done:
+        raise UsageError(f"--resume: {latest} already holds {done} epochs; {flag(phase_option)} "
+                         f"{config[phase_option]} would shorten a run that is done: give at least {done}")
+    label = getattr(method, "PHASE_LABELS", {}).get(latest.name, "epoch")
+    config["resume_changes"] = [*stored["resume_changes"], *(f"{change} from {label} {done + 1}" for change in changes)]
 
 
-def train(config: dict[str, Any]) -> dict[str, Any]:
+def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, Any]:
     """Run ``pyro-sparse train`` from its configuration; returns the metrics written to metrics.json.
 
-    Every check of the input (options, data, network) runs before the output folder is created.
+    Every check of the input (options, data, network) runs before the output folder is created. With
+    ``config["resume"]`` the options not in ``given`` (default: none, all options count as given) are
+    taken from the run's checkpoint, so that ``--resume --out DIR`` alone continues the run as it was.
     """
-    method = check_config(config)
+    given = set(config) if given is None else given
     out = check_writable(config["out"])
-    _check_earlier_run(method, config, out)
+    resumed = _prepare_resume(config, given, out) if config.get("resume") else None
+    method = check_config(config)
+    _check_earlier_run(method, config, out, resumed)
     torch.manual_seed(config["seed"])
     dataset = load_dataset(config)
     model = build_model(config, dataset)
@@ -251,22 +348,31 @@ def evaluate_run(directory: str, samples: int | None = None, data_root: str | No
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder: give a `pyro-sparse train` output folder")
-    latest = next((folder / name for name in CHECKPOINT_FILES if (folder / name).is_file()), None)
+    latest = _find_checkpoint(folder)
     if latest is None:
         raise FileNotFoundError(f"no {CHECKPOINT} in {directory}: is it a `pyro-sparse train` output folder?")
     saved = checkpoints.load(latest)
-    config = dict(saved["metadata"])
+    config = {**parser_defaults(str(folder)), **stored_options(saved, latest)}
     if data_root is not None:
         config["data_root"] = str(Path(data_root).expanduser().resolve())
-    method = recipe(config["method"])
+    try:
+        method = check_config(config)
+    except UsageError as error:
+        raise CheckpointError(latest, f"its stored options do not go together ({error})") from None
+    epoch = _epochs_done(saved, latest)
     dataset = load_dataset(config)
     model = build_model(config, dataset)
-    posterior = method.restore(config, model, saved)
+    try:
+        posterior = method.restore(config, model, saved)
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
+        raise CheckpointError(latest, f"its contents do not fit a --method {config['method']} run of its own "
+                                      f"options ({_first_line(error)})") from None
     torch.manual_seed(config["seed"])
     results = evaluate(model, posterior, dataset.test, num_samples=samples or config["samples"])
-    finished = latest.name == CHECKPOINT and saved.get("epoch", 0) >= saved.get("epochs", 0)
+    epochs = saved.get("epochs")
+    finished = latest.name == CHECKPOINT and isinstance(epochs, int) and epoch >= epochs
     return strict_json({"method": config["method"], "net": config["net"], "data": config["data"],
-                        "finished": finished, "epoch": saved.get("epoch"), "checkpoint": latest.name, **results})
+                        "finished": finished, "epoch": epoch, "checkpoint": latest.name, **results})
 
 
 DEMO_COLUMNS = ("prior", "accuracy", "mean_sample_accuracy", "nll", "ece", "brier", "sparsity", "train_seconds")
@@ -299,11 +405,16 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def parser_defaults(out: str = "runs/default") -> dict[str, Any]:
+    """Every ``train`` option at its command-line default (before the method fills its own)."""
+    config = vars(make_parser().parse_args(["train", "--out", out]))
+    config.pop("command")
+    return config
+
+
 def default_config(**overrides: Any) -> dict[str, Any]:
     """The configuration ``pyro-sparse train`` uses when an option is not given."""
-    config = vars(make_parser().parse_args(["train", "--out", "runs/default"]))
-    config.pop("command")
-    config.update(overrides)
+    config = {**parser_defaults(), **overrides}
     fill_method_defaults(config, recipe(config["method"]))
     return config
 
@@ -326,7 +437,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-scale", type=_positive_float, default=1.0, help="σ of the Gaussian / slab")
     t.add_argument("--spike-scale", type=_positive_float, default=None,
                    help="σ₀ of the spike (default 0.01; 0.001 for em-sghmc, whose samples would sit in a wider spike)")
-    t.add_argument("--inclusion", type=_fraction(True, True), default=0.5, help="π, prior slab probability")
+    t.add_argument("--inclusion", type=_fraction(True, True), default=None,
+                   help="π, prior slab probability (spike-slab; default 0.5)")
     t.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="mlp hidden widths")
     t.add_argument("--kl-weight", type=float, default=None, help="β, the KL weight (default 1 = ELBO; not em-sghmc)")
     t.add_argument("--warmup-epochs", type=_nonnegative_int, default=None,
@@ -362,8 +474,8 @@ def make_parser() -> argparse.ArgumentParser:
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
-def check_device(device: str) -> None:
-    """--device: cpu, or cuda[:N] when that GPU exists."""
+def check_device(device: str) -> str:
+    """--device: cpu, or cuda[:N] when that GPU exists; returns it as torch writes it ("cpu", "cuda:1")."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
@@ -375,10 +487,11 @@ def check_device(device: str) -> None:
             raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    return "cpu" if parsed.type == "cpu" else str(parsed)
 
 
-# The API's step-size argument, as the command line spells it.
-STEP_SIZE_FLAGS = {"lr": "--lr", "step_size": "--lr", "finetune_lr": "--finetune-lr"}
+# The API's step-size arguments, as the command line's options.
+STEP_SIZE_OPTIONS = {"step_size": "lr"}
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -409,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = vars(args).copy()
             config.pop("command")
             started = time.perf_counter()
-            record = train(config)
+            record = train(config, given_options(sys.argv[1:] if argv is None else argv))
             print(json.dumps(record, indent=2))
             print(f"wrote {config['out']}/metrics.json in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         elif args.command == "evaluate":
@@ -419,7 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(_interrupted(args), status=130)
     except TrainingDiverged as error:
-        return _fail("error: " + error.describe(STEP_SIZE_FLAGS.get(error.option, flag(error.option))))
+        option = STEP_SIZE_OPTIONS.get(error.option, error.option)
+        changeable = getattr(recipe(args.method), "CHANGEABLE_ON_RESUME", ()) if args.command == "train" else ()
+        return _fail("error: " + error.describe(flag(option), resumable=option in changeable))
     except (ValueError, FileNotFoundError) as error:
         return _fail("error: " + _first_line(error))
     except OSError as error:

@@ -241,7 +241,7 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
         resolve_root(root)  # refuse a root of the wrong type even for the datasets that read no files
     if not isinstance(download, bool):
         raise TypeError(f"download must be True or False, got {download!r}")
-    key = _canonical(name)
+    key = canonical_name(name)
     if key == "digits":
         ds = _load_digits()
     elif key == "toy-regression":
@@ -255,7 +255,8 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
     return ds
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The dataset name that ``name`` (case, "_" or an alias such as "fmnist") stands for."""
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
     if key not in DATASETS:

@@ -43,13 +43,13 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         super().__init__(self.describe(option))
 
-    def describe(self, option_name: str) -> str:
-        """The one-line message, naming the step-size option as ``option_name`` (e.g. ``"--lr"``)."""
-        if self.checkpoint is not None and self.checkpoint.is_file():
-            kept = f"the last good checkpoint {self.checkpoint} is intact"
-        else:
-            kept = "no checkpoint was written"
-        return f"training diverged at {self.where}: {self.what}; {kept}; lower {option_name} and start again"
+    def describe(self, option_name: str, resumable: bool = False) -> str:
+        """The one-line message, naming the step-size option as ``option_name`` (e.g. ``"--lr"``);
+        ``resumable``: the step size may change on resume, so the intact checkpoint can go on."""
+        intact = self.checkpoint is not None and self.checkpoint.is_file()
+        kept = f"the last good checkpoint {self.checkpoint} is intact" if intact else "no checkpoint was written"
+        then = "continue with --resume" if intact and resumable else "start again"
+        return f"training diverged at {self.where}: {self.what}; {kept}; lower {option_name} and {then}"
 
 
 __all__ = ["CheckpointError", "TrainingDiverged"]

@@ -3,10 +3,12 @@
 - ``check_writable(out)`` runs before anything is created: ``--out`` must name a folder that exists
   and can be written, or one that can be created.
 - ``RunFolder(out)`` is a context manager around a run: it creates the folder, takes an exclusive
-  lock (``.pyro-sparse.lock``, holding the owner's pid and host; a lock whose process is gone is
-  stale and taken over), removes the debris of killed runs (``.<name>.*.tmp`` files of interrupted
-  atomic writes), and on exit releases the lock; a folder it created and that holds nothing when the
-  run fails is removed again.
+  lock (an ``flock`` on ``.pyro-sparse.lock``, which also records the holder's pid and host for the
+  message; the kernel releases it when the process dies, so a killed run's lock is simply free),
+  removes the debris of killed runs (``.<output>.*.tmp`` files of interrupted atomic writes), and on
+  exit releases the lock; the folders it created (``--out`` and missing parents) are removed again
+  when the run fails and they hold nothing.
+- ``in_use(out)`` says whether a live run holds ``out`` (without taking the lock).
 - ``existing_outputs(out)`` lists the files of an earlier run; ``remove_outputs`` deletes them
   (``--overwrite``).
 """
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -70,14 +73,55 @@ def remove_outputs(out: Path) -> None:
         (out / name).unlink()
 
 
-def _process_alive(pid: int) -> bool:
+def _describe_holder(lock: Path) -> str:
+    """Who holds ``lock``, as its holder wrote it ("pid 123 on host"), for the message."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        holder = json.loads(lock.read_text()[:200])
+        return f"pid {int(holder['pid'])} on {str(holder['host'])[:64]}"
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return "another process"
+
+
+def _try_lock(lock: Path) -> int | None:
+    """An open descriptor of ``lock`` holding an exclusive ``flock``, or None when another process holds it.
+
+    The kernel drops the lock when its process ends, however it ends (kill -9 included), so a lock
+    file left behind by a dead run is free, with no pid guessing. A lock file replaced or removed by
+    its previous holder while we waited is not ours: we retry on the file now at the path.
+    """
+    for _ in range(10):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            return fd
+        os.close(fd)
+    raise FolderError(f"could not take the lock {lock}: it keeps being replaced; try again")
+
+
+def in_use(out: Path) -> str | None:
+    """Who is running in ``out`` ("pid 123 on host"), or None when no live run holds its lock."""
+    lock = out / LOCK_NAME
+    if not lock.exists():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe_holder(lock)
+    finally:
+        os.close(fd)  # closing drops the probe's lock, if it got it
+    return None
 
 
 class RunFolder(contextlib.AbstractContextManager):
@@ -86,20 +130,21 @@ class RunFolder(contextlib.AbstractContextManager):
     def __init__(self, out: str | os.PathLike):
         self.path = Path(out)
         self.lock = self.path / LOCK_NAME
-        self._created = False
-        self._locked = False
+        self._created: list[Path] = []  # folders this run created, the deepest first
+        self._fd: int | None = None
 
     def __enter__(self) -> RunFolder:
-        if not self.path.is_dir():
-            try:
-                self.path.mkdir(parents=True)
-            except OSError as error:
-                raise FolderError(f"--out {self.path}: cannot create it ({error.strerror})") from None
-            self._created = True
+        missing = [self.path, *self.path.parents]
+        missing = missing[: next(i for i, p in enumerate(missing) if p.exists())]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise FolderError(f"--out {self.path}: cannot create it ({error.strerror})") from None
+        self._created = missing
         try:
             self._acquire()
         except BaseException:
-            self._remove_if_created_and_empty()
+            self._remove_created_if_empty()
             raise
         self._remove_debris()
         return self
@@ -108,55 +153,36 @@ class RunFolder(contextlib.AbstractContextManager):
                  traceback: TracebackType | None) -> None:
         self._release()
         if error is not None:
-            self._remove_if_created_and_empty()
+            self._remove_created_if_empty()
 
     # -- the lock ---------------------------------------------------------------------------------
     def _acquire(self) -> None:
-        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    raise FolderError(
-                        f"--out {self.path} is in use by another pyro-sparse run (pid {holder['pid']} on "
-                        f"{holder['host']}): wait for it to end, or choose another --out"
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(owner)
-            self._locked = True
-            return
-        raise FolderError(f"--out {self.path}: could not take the lock {self.lock}; try again")
-
-    def _holder(self) -> dict | None:
-        """The live process holding the lock, or None when the lock is stale."""
-        try:
-            holder = json.loads(self.lock.read_text())
-            pid, host = int(holder["pid"]), str(holder["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # unreadable: written by a process killed while taking it
-        if host == socket.gethostname() and not _process_alive(pid):
-            return None
-        return {"pid": pid, "host": host}
+        fd = _try_lock(self.lock)
+        if fd is None:
+            raise FolderError(f"--out {self.path} is in use by another pyro-sparse run ({_describe_holder(self.lock)})"
+                              ": wait for it to end, or choose another --out")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._fd = fd
 
     def _release(self) -> None:
-        if self._locked:
-            self.lock.unlink(missing_ok=True)
-            self._locked = False
+        if self._fd is not None:
+            self.lock.unlink(missing_ok=True)  # still ours: nobody else can hold it while we do
+            os.close(self._fd)
+            self._fd = None
 
     # -- debris -----------------------------------------------------------------------------------
     def _remove_debris(self) -> None:
-        """Temporary files of atomic writes that a killed process never renamed."""
-        for tmp in self.path.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Temporary files of atomic writes (``.<output>.*.tmp``) that a killed process never renamed."""
+        for name in OUTPUT_FILES:
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
-    def _remove_if_created_and_empty(self) -> None:
-        if self._created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+    def _remove_created_if_empty(self) -> None:
+        for folder in self._created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
-__all__ = ["LOCK_NAME", "OUTPUT_FILES", "FolderError", "RunFolder", "check_writable", "existing_outputs",
+__all__ = ["LOCK_NAME", "OUTPUT_FILES", "FolderError", "RunFolder", "check_writable", "existing_outputs", "in_use",
            "remove_outputs"]

@@ -8,6 +8,7 @@ cases check what a legitimate resume, overwrite or evaluate does.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -23,6 +24,8 @@ import torch
 import pyro_sparse as ps
 from pyro_sparse import checkpoint as checkpoints
 from pyro_sparse import cli
+from pyro_sparse.recipes import em_sghmc as em_recipe
+from pyro_sparse.recipes import snr as snr_recipe
 from pyro_sparse.run_folder import LOCK_NAME
 from pyro_sparse.run_options import RUN_OPTIONS
 
@@ -226,17 +229,42 @@ def test_a_new_snr_run_does_not_retrain_over_an_interrupted_dense_phase(run_copy
                    untouched=out)
 
 
-def test_a_busy_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+def test_a_busy_folder_is_refused_and_a_left_over_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     lock = out / LOCK_NAME
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    _fails_cleanly(capsys, ["train", "--out", str(out), *TINY], "in use by another pyro-sparse run", untouched=out)
-    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # no such process
+    holder = os.open(lock, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's live run (another open file)
+    os.write(holder, json.dumps({"pid": 4242, "host": socket.gethostname()}).encode())
+    try:
+        line = _fails_cleanly(capsys, ["train", "--out", str(out), *TINY], "in use by another pyro-sparse run",
+                              untouched=out)
+        assert "pid 4242" in line
+    finally:
+        os.close(holder)  # the kernel drops the lock, as when a killed run's process ends
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / ".my-notes.tmp").write_text("a user's own file")
     assert cli.main(["train", "--out", str(out), *TINY]) == 0
     capsys.readouterr()
-    assert not lock.exists() and not list(out.glob(".*.tmp"))
+    assert not lock.exists() and not list(out.glob(".checkpoint.pt.*.tmp"))
+    assert (out / ".my-notes.tmp").read_text() == "a user's own file"
+
+
+@pytest.mark.parametrize("content", ['{"pid": 1180591620717411303424, "host": "h"}', '{"pid": 1e400}', "",
+                                     "garbage", '{"pid": -1, "host": "x"}'])
+def test_a_crafted_lock_file_without_a_live_holder_is_taken_over(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(content)
+    assert cli.main(["train", "--out", str(out), "--epochs", "1", "--samples", "2"]) == 0
+    capsys.readouterr()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_failed_run_removes_the_folders_it_created(tmp_path, capsys):
+    out = tmp_path / "new" / "parents" / "run"
+    _fails_cleanly(capsys, ["train", "--out", str(out), "--lr", "1e38"], "diverged")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_overwrite_replaces_an_earlier_run(run_copy, capsys):
@@ -264,13 +292,13 @@ RESUME_REFUSED = [
     ("vi", ["--prior", "spike-slab"], "--prior gaussian, this command gives spike-slab"),
     ("vi", ["--batch-size", "32"], "--batch-size 64, this command gives 32"),
     ("vi", ["--warmup-epochs", "1"], "--warmup-epochs 0, this command gives 1"),
-    ("snr", ["--lr", "0.01"], "--lr 0.005, this command gives 0.01; --method snr cannot change it"),
+    ("snr", ["--lr", "0.01"], f"--lr {snr_recipe.DEFAULT_LR}, this command gives 0.01; --method snr cannot change it"),
     ("snr", ["--epochs", "3"], "--epochs 2, this command gives 3"),
     ("snr", ["--sparsity", "0.9"], "--sparsity 0.5, this command gives 0.9"),
     ("ssvi", ["--density", "0.25"], "--density 0.5, this command gives 0.25"),
     ("ssvi", ["--update-every", "7"], "--update-every 5, this command gives 7"),
     ("em-sghmc", ["--epochs", "3"], "--epochs 2, this command gives 3; --method em-sghmc cannot change it"),
-    ("em-sghmc", ["--lr", "0.01"], "--lr 0.005, this command gives 0.01"),
+    ("em-sghmc", ["--lr", "0.0123"], f"--lr {em_recipe.DEFAULT_LR}, this command gives 0.0123"),
     ("em-sghmc", ["--samples", "3"], "--samples 2, this command gives 3"),
     ("em-sghmc", ["--chains", "2"], "--chains 1, this command gives 2"),
 ]
@@ -316,7 +344,7 @@ def test_resume_applies_a_new_lr_and_more_epochs_and_records_them(run_copy, caps
     lrs = [float(row.split(",")[header.index("lr")]) for row in rows[1:]]
     assert lrs == [0.005, 0.005, 0.01]
     saved = checkpoints.load(out / "checkpoint.pt")
-    assert [group["lr"] for group in saved["optimizer"]["param_groups"]] == [0.01]
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.01  # the means' group: the lr given
     assert saved["metadata"]["lr"] == 0.01 and saved["epoch"] == 3
 
 
@@ -326,7 +354,8 @@ def test_resume_of_a_finished_snr_run_may_extend_the_finetuning(run_copy, capsys
     assert cli.main(["train", *args, "--resume", "--out", str(out)]) == 0
     capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["finetune_epochs"] == 2 and metrics["resume_changes"] == ["finetune_epochs 1 -> 2 from epoch 2"]
+    assert metrics["finetune_epochs"] == 2
+    assert metrics["resume_changes"] == ["finetune_epochs 1 -> 2 from fine-tuning epoch 2"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,3 +488,71 @@ def test_a_batchnorm_network_passes_the_input_check_on_digits(digits):
     config = cli.default_config(net="resnet18", data="digits")
     model = cli.build_model(config, digits)
     model.check_batch(*ps.data.as_tensors(digits.train))
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume alone continues the run as it was
+# ----------------------------------------------------------------------------------------------
+def test_resume_takes_the_options_it_is_not_given_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = ["train", "--method", "snr", "--epochs", "2", "--lr", "0.01", "--sparsity", "0.5", "--data", "DIGITS",
+             "--samples", "4", "--finetune-epochs", "1", "--out", str(out)]
+    assert cli.main(first) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 0  # method, epochs, lr ... from the checkpoint
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["method"], metrics["epochs"], metrics["lr"], metrics["data"]) == ("snr", 2, 0.01, "digits")
+    assert "resume_changes" not in metrics
+
+
+def test_resume_refuses_to_shorten_a_run_and_another_method(run_copy, capsys):
+    out = run_copy("vi")
+    _fails_cleanly(capsys, ["train", "--resume", "--epochs", "1", "--out", str(out)],
+                   "already holds 2 epochs; --epochs 1 would shorten", untouched=out)
+    _fails_cleanly(capsys, ["train", "--resume", "--method", "ssvi", "--out", str(out)],
+                   "holds a --method vi run, this command gives --method ssvi", untouched=out)
+
+
+def test_resume_on_cpu_0_and_prior_options_that_do_not_apply(run_copy, capsys, tmp_path):
+    out = run_copy("vi")
+    assert cli.main(["train", "--resume", "--epochs", "3", "--device", "cpu:0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert checkpoints.load(out / "checkpoint.pt", map_location="cpu:0")["epoch"] == 3
+    _fails_cleanly(capsys, ["train", "--spike-scale", "0.5", "--out", str(tmp_path / "g")],
+                   "--spike-scale applies to --prior spike-slab; this run's prior is gaussian")
+    _fails_cleanly(capsys, ["train", "--net", "lenet5", "--hidden", "5", "--out", str(tmp_path / "h")],
+                   "--hidden sets the widths of --net mlp")
+
+
+def _rewrite(path: Path, change) -> None:
+    state = checkpoints.load(path)
+    change(state)
+    path.write_bytes(checkpoints.encode(state))  # a valid header and checksum: anyone can compute them
+
+
+CRAFTED = {
+    "no metadata": lambda s: s.pop("metadata"),
+    "metadata a list": lambda s: s.update(metadata=[1, 2]),
+    "epochs not a number": lambda s: s["metadata"].update(epochs="x"),
+    "hidden widths changed": lambda s: s["metadata"].update(hidden=[3, 4]),
+    "another method": lambda s: s["metadata"].update(method="em-sghmc", prior="spike-slab"),
+    "epoch a string": lambda s: s.update(epoch="x"),
+    "model not a state dict": lambda s: s.update(model=5),
+    "no model": lambda s: s.pop("model"),
+}
+
+
+@pytest.mark.parametrize("how", list(CRAFTED))
+def test_a_well_formed_checkpoint_with_wrong_contents_is_refused_by_evaluate(run_copy, capsys, how):
+    out = run_copy("vi")
+    _rewrite(out / "checkpoint.pt", CRAFTED[how])
+    line = _fails_cleanly(capsys, ["evaluate", str(out)], "checkpoint.pt", untouched=out)
+    assert "refused" in line
+
+
+@pytest.mark.parametrize("how", ["no metadata", "metadata a list", "epochs not a number", "epoch a string"])
+def test_a_well_formed_checkpoint_with_wrong_contents_is_refused_on_resume(run_copy, capsys, how):
+    out = run_copy("vi")
+    _rewrite(out / "checkpoint.pt", CRAFTED[how])
+    _fails_cleanly(capsys, ["train", "--resume", "--out", str(out)], "checkpoint.pt", untouched=out)

@@ -13,7 +13,9 @@ and optionally
 - ``CHANGEABLE_ON_RESUME``: the schedule options (``run_options.SCHEDULE``) that ``--resume`` may change,
   applied from the next epoch on (default: none);
 - ``ALSO_DEFINES``: options that define this method's run although they do not define others';
-- ``CHECKPOINTS``: the checkpoint files of the run's phases, in order (default: ``(CHECKPOINT,)``).
+- ``PHASE_EPOCHS`` / ``PHASE_LABELS``: for a run in phases, each phase checkpoint's epoch-count option and
+  the name of its epochs (default: ``"epochs"`` and ``"epoch"``). ``CHECKPOINT_FILES`` lists every
+  checkpoint a run may hold; the first present is the latest.
 
 The CLI owns everything common to all methods: parsing, the output folder, the dataset and the
 model, history.csv, the training curve, metrics.json and the reliability diagram.
