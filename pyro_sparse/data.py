@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib
+import math
 import numbers
 import os
 import pickle
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DATASETS", "Dataset", "as_tensors", "check_data", "load"]
+__all__ = ["DATASETS", "Dataset", "as_tensors", "canonical_name", "check_data", "load", "resolve_root"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "toy-regression")
 
@@ -317,6 +318,7 @@ def _load_toy_regression() -> Dataset:
 # --------------------------------------------------------------------------- MNIST / Fashion-MNIST
 
 
+_MAX_IDX_BYTES = 2**31  # 2 GiB: MNIST's training images are 47 MB
 _REFETCH = "delete it and download it again (download=True), or restore the original file"
 
 # What reading a damaged file raises: gzip's CRC / header checks (OSError), a cut stream (EOFError), a
@@ -324,31 +326,34 @@ _REFETCH = "delete it and download it again (download=True), or restore the orig
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The contents of ``path``, decompressed when it ends in ``.gz``; a damaged file is a ValueError."""
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions.
+
+    It reads the header first and then no more than the header announces (plus one byte to detect
+    excess), so a damaged or hostile ``.gz`` cannot make it decompress more than the images it claims.
+    """
+    header = 4 * (ndim + 1)
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            return f.read()
+            head = f.read(header)
+            if len(head) < header:
+                raise ValueError(f"{path} is not an IDX file: it is too short ({len(head)} bytes); {_REFETCH}")
+            magic, *dims = np.frombuffer(head, dtype=">u4").tolist()
+            if magic != 0x0800 + ndim:  # 0x08 = unsigned byte data; the low byte is the number of dimensions
+                raise ValueError(
+                    f"{path} is not a uint8 IDX file with {ndim} dimensions (magic number {magic:#x}); {_REFETCH}"
+                )
+            expected = math.prod(dims)
+            if expected > _MAX_IDX_BYTES:
+                raise ValueError(f"{path} announces {dims} ({expected} bytes), more than any IDX dataset: {_REFETCH}")
+            body = f.read(expected + 1)
     except _READ_ERRORS as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
         raise ValueError(f"{path} cannot be read ({reason}): the file is damaged or truncated; {_REFETCH}") from None
-
-
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file (optionally gzipped) with ``ndim`` dimensions."""
-    raw = _read_bytes(path)
-    header = 4 * (ndim + 1)
-    if len(raw) < header:
-        raise ValueError(f"{path} is not an IDX file: it is too short ({len(raw)} bytes); {_REFETCH}")
-    magic, *dims = np.frombuffer(raw, dtype=">u4", count=ndim + 1).tolist()
-    if magic != 0x0800 + ndim:  # 0x08 = unsigned byte data; the low byte is the number of dimensions
-        raise ValueError(
-            f"{path} is not a uint8 IDX file with {ndim} dimensions (magic number {magic:#x}); {_REFETCH}"
-        )
-    if len(raw) - header != int(np.prod(dims)):
-        size = len(raw) - header
-        raise ValueError(f"{path} is truncated or corrupt: header says {dims}, found {size} bytes; {_REFETCH}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if len(body) != expected:
+        found = f"{len(body)} bytes" if len(body) <= expected else "more bytes"
+        raise ValueError(f"{path} is truncated or corrupt: header says {dims}, found {found}; {_REFETCH}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx_files(root: Path, folder: str) -> list[Path] | None:

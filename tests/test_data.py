@@ -111,7 +111,7 @@ def test_real_mnist_files(name: str) -> None:
 
 @pytest.mark.parametrize("alias", ["fashion_mnist", "FashionMNIST", "Fashion-MNIST"])
 def test_fashion_aliases(alias: str) -> None:
-    assert data._canonical(alias) == "fashion-mnist"
+    assert data.canonical_name(alias) == "fashion-mnist"
 
 
 @pytest.mark.parametrize(
@@ -428,3 +428,21 @@ def test_a_damaged_cifar_batch_is_one_value_error_naming_it(tmp_path: Path, cont
     with pytest.raises(ValueError, match=problem) as err:
         load("cifar10", root=tmp_path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_idx_file_announcing_more_than_it_holds_is_read_no_further(tmp_path):
+    """A gzip whose header claims 60000 images but holds 10 is refused after reading what it holds."""
+    import gzip
+
+    import numpy as np
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = np.array([0x0803, 60000, 28, 28], dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + bytes(10 * 28 * 28))
+    with pytest.raises(ValueError, match="truncated or corrupt: header says"):
+        data._read_idx(path, 3)
+    with gzip.open(path, "wb") as handle:  # and one announcing more than any dataset: refused from the header
+        handle.write(np.array([0x0803, 2**31, 2**16, 2**16], dtype=">u4").tobytes())
+    with pytest.raises(ValueError, match="more than any IDX dataset"):
+        data._read_idx(path, 3)
