@@ -504,6 +504,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
 def _interrupted(args: argparse.Namespace) -> str:
     out = getattr(args, "out", None)
     if args.command != "train" or out is None:
@@ -537,6 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("error: " + error.describe(flag(option), resumable=option in changeable))
     except (ValueError, FileNotFoundError) as error:
         return _fail("error: " + _first_line(error))
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; other RuntimeErrors are bugs: let them show
+        if not _out_of_memory(error):
+            raise
+        return _fail("error: out of memory (" + _first_line(error)[:120] + "): use a smaller network or --batch-size")
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         return _fail(f"error: {error.strerror or _first_line(error)}{where}")

@@ -113,6 +113,7 @@ BAD_OPTIONS = [
     (["--method", "em-sghmc", "--kl-weight", "0.5"], "--kl-weight does not apply to --method em-sghmc"),
     (["--method", "em-sghmc", "--warmup-epochs", "2"], "--warmup-epochs does not apply to --method em-sghmc"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--hidden", "1000000", "1000000"], "out of memory"),
     (["--out", ""], "--out is empty"),
     (["--device", "meta"], "--device meta is not supported"),
     (["--device", "mps"], "--device mps is not supported"),
