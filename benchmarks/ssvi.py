@@ -80,12 +80,14 @@ def make_guide(model: ps.BayesianNetwork, kwargs: dict[str, Any] | None) -> ps.M
 
 
 def run_accuracy(net: str, ds: ps.data.Dataset, epochs: int, seed: int, ssvi_lr: float,
-                 layer_density: str) -> dict[str, dict[str, Any]]:
+                 layer_density: str, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
     x_train, _ = ds.train.tensors
     torch.manual_seed(seed)
     initial = NETS[net]()
     results = {}
     for label, kwargs in variants(net, layer_density).items():
+        if only and label not in only:
+            continue
         lr = LR if kwargs is None else ssvi_lr
         torch.manual_seed(seed)
         pyro.set_rng_seed(seed)
@@ -180,6 +182,8 @@ def main() -> None:
     parser.add_argument("--ssvi-lr", type=float, default=LR, help="Adam learning rate of the SSVI runs")
     parser.add_argument("--layer-density", choices=("uniform", "erk"), default="uniform",
                         help="SparseSubspace(layer_density=...) of the SSVI runs")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help='variants of the accuracy part to run, e.g. "dense VI" "SSVI 0.1" (default: all)')
     parser.add_argument("--out", default="benchmarks/results/ssvi.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -197,7 +201,7 @@ def main() -> None:
         print(f"Fashion-MNIST {len(ds.train)} / {len(ds.test)}, {args.epochs} epochs, batch {BATCH_SIZE}, "
               f"lr {LR} (dense VI) / {args.ssvi_lr} (SSVI), layer density {args.layer_density}")
         for net in args.nets:
-            rows = run_accuracy(net, ds, args.epochs, args.seed, args.ssvi_lr, args.layer_density)
+            rows = run_accuracy(net, ds, args.epochs, args.seed, args.ssvi_lr, args.layer_density, args.only)
             new.setdefault("accuracy", {})[net] = rows
             print(f"\n{net}: {'':<22} {'acc %':>7} {'gap':>6} {'NLL':>7} {'ECE':>7} {'FLOPs ratio':>11} "
                   f"{'bytes ratio':>11} {'train s':>8}")

@@ -1,6 +1,6 @@
 """pyro-sparse: sparse Bayesian neural networks in Pyro."""
 
-from . import data, distributions, guides, likelihoods, metrics, nets, plots, priors, sparse
+from . import data, distributions, errors, guides, likelihoods, metrics, nets, plots, priors, sparse
 from .evaluation import evaluate
 from .guides import MeanField, SNRPruned, SparseSubspace
 from .infer import History, TrainingState, fit
@@ -21,6 +21,7 @@ __all__ = [
     "data",
     "distributions",
     "em_sghmc",
+    "errors",
     "evaluate",
     "fit",
     "guides",

@@ -3,15 +3,24 @@
 ``substituted_weights``: weight draws are put in place of the layers' stored weights (cheaper
 than ``torch.func.functional_call``, which re-walks the whole module tree on every call).
 
-Local reparameterization for Linear and convolutional layers:
+Local reparameterization (LRT) for Linear layers:
 
 With independent Gaussian weights w ~ N(μ, σ²), a linear layer's pre-activation for one example
 is Gaussian: N(x·μ, x²·σ²). Sampling it per example (Kingma et al., 2015) instead of sampling one
 weight matrix per batch costs one more product and gives lower-variance gradients.
 
-``enable_local_reparameterization(layer)`` switches the class of a (copied) layer to a subclass
-that, while ``local_reparameterization(...)`` hands it weight moments, computes that sample; at
-all other times it is exactly the original layer.
+It is exact only when every output row depends on its own weight draw: a Linear layer applied to
+a (B, D) batch, one row per example. For any other input, e.g. (B, T, D) (sequence models,
+attention), the T positions of one example share one weight draw, so their pre-activations are
+correlated; sampling them independently would be a different model. Such calls sample the weights
+instead (one draw per batch, as the Pyro model does). Convolutions share one weight draw across
+all spatial positions for the same reason and never use LRT (``BayesianNetwork`` refuses it).
+A layer called more than once in one forward pass (weights shared between calls) is likewise not
+exact under LRT: exclude it with ``local_reparameterization="none"``.
+
+``enable_local_reparameterization(layer)`` switches the class of a (copied) Linear layer to a
+subclass that, while ``local_reparameterization(...)`` hands it weight moments, computes that
+sample; at all other times it is exactly the original layer.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ _VARIANCE_FLOOR = 1e-16
 
 
 class LocalReparameterization:
-    """Mixin for nn.Linear / nn.ConvNd subclasses; see the module docstring."""
+    """Mixin for nn.Linear subclasses; see the module docstring."""
 
     _moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     _base_class: type
@@ -37,31 +46,43 @@ class LocalReparameterization:
         # layer from its original class instead of looking the subclass up by name.
         return _rebuild, (self._base_class, self.__getstate__())
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self, nn.Linear):
-            return F.linear(x, weight, bias)
-        return self._conv_forward(x, weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moments = self._moments
         if moments is None:
             return super().forward(x)
+        if x.dim() != 2:  # rows of one example share a weight draw: LRT would not be exact
+            return F.linear(x, _draw(moments, "weight", self.weight), _draw(moments, "bias", self.bias))
         weight_loc, weight_var = moments["weight"]
         bias_loc, bias_var = moments.get("bias", (self.bias, None))
-        mean = self._product(x, weight_loc, bias_loc)
-        var = self._product(x * x, weight_var, bias_var)
+        mean = F.linear(x, weight_loc, bias_loc)
+        var = F.linear(x * x, weight_var, bias_var)
         return torch.addcmul(mean, (var + _VARIANCE_FLOOR).sqrt(), torch.randn_like(mean))
+
+
+def _draw(
+    moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]], attribute: str, stored: torch.Tensor | None
+) -> torch.Tensor | None:
+    """One draw μ + σ ε of ``attribute`` from its (μ, σ²) in ``moments`` (the stored tensor if it has none).
+
+    σ = √σ² with a zero gradient where σ² = 0 (masked weights stay exactly zero, with finite gradients).
+    """
+    if attribute not in moments:
+        return stored
+    loc, var = moments[attribute]
+    positive = var > 0
+    scale = torch.where(positive, var, torch.ones_like(var)).sqrt() * positive
+    return torch.addcmul(loc, scale, torch.randn_like(loc))
 
 
 _subclasses: dict[type, type] = {}
 
 
 def enable_local_reparameterization(layer: nn.Module) -> bool:
-    """Give ``layer`` (in place) the local-reparameterization forward; False if it has none."""
+    """Give an ``nn.Linear`` ``layer`` (in place) the local-reparameterization forward; False for other layers."""
     if isinstance(layer, LocalReparameterization):
         return True
     cls = type(layer)
-    if not issubclass(cls, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+    if not issubclass(cls, nn.Linear):
         return False
     if cls not in _subclasses:
         _subclasses[cls] = type(cls.__name__, (LocalReparameterization, cls), {"_base_class": cls})

@@ -5,6 +5,13 @@ of the copy becomes a buffer holding its initial value (the guides start their m
 Each Bayesian parameter is a Pyro sample site named after its parameter path ("0.weight",
 "features.3.weight", ...); the likelihood observes the targets under
 ``pyro.plate("data", dataset_size, subsample=...)`` so a minibatch of B is scaled by N / B.
+
+Pruned weights are part of neither the guide nor the model. The masks have one home, the guide
+(``MeanField.masks()``); a guide registers itself with its model (``use_masks``: on construction,
+and ``fit`` again at its start), and the model reads the current masks at every call: a pruned
+coordinate's prior is masked out of the site's log density (``dist.mask``) and its weight is
+exactly zero. So ``pyro.infer.Trace_ELBO``, ``TraceMeanField_ELBO`` and ``fit`` estimate one
+objective on a pruned guide.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ import fnmatch
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .distributions import MaskedNormal
 from .layers import (
     LocalReparameterization,
     enable_local_reparameterization,
@@ -35,9 +45,42 @@ _instance_counter = itertools.count()
 _LRT_LAYERS: dict[str, tuple[type, ...]] = {
     "auto": (nn.Linear,),
     "linear": (nn.Linear,),
-    "all": (nn.Linear, nn.modules.conv._ConvNd),
     "none": (),
 }
+_INEXACT_LRT = {
+    "all": "local reparameterization is not exact for convolutions (all spatial positions of an example share one "
+           "weight draw, but LRT would sample them independently); convolutions sample weights: use "
+           "local_reparameterization=\"auto\"",
+}
+
+
+@torch.distributions.register_kl(MaskedNormal, dist.MaskedDistribution)
+def _kl_masked_normal_to_masked_prior(q: MaskedNormal, p: dist.MaskedDistribution) -> torch.Tensor:
+    """KL(q ‖ p) elementwise for a guide's masked Normal and a model's masked prior (``site_prior``): the
+    registered KL to p's unmasked prior, zero at p's masked coordinates (where q is the same exact zero).
+    Registered so that ``TraceMeanField_ELBO`` uses the closed form on pruned sites as on dense ones."""
+    kl = torch.distributions.kl_divergence(q, p.base_dist)
+    return torch.where(torch.as_tensor(p._mask, device=kl.device), kl, torch.zeros_like(kl))
+
+
+class MaskSource(Protocol):
+    """What a model reads its masks from (a ``MeanField`` guide): site name -> bool mask (True = active)."""
+
+    def masks(self) -> Mapping[str, torch.Tensor]: ...
+
+
+class _MaskLink:
+    """The model's reference to its mask source. Copying or pickling a model does not copy its guide:
+    a copy starts with no masks (register its own guide with ``use_masks``; ``fit`` does)."""
+
+    def __init__(self, source: MaskSource | None = None):
+        self.source = source
+
+    def __deepcopy__(self, memo) -> _MaskLink:
+        return _MaskLink()
+
+    def __reduce__(self):
+        return _MaskLink, ()
 
 
 @dataclass(frozen=True)
@@ -82,10 +125,11 @@ class BayesianNetwork(nn.Module):
         name: the prefix of this model's deterministic parameters in Pyro's param store
             (default: unique per instance, so several models can live side by side).
         local_reparameterization: which layers the fused training objective samples
-            pre-activations for (per example) instead of weights (once per batch): "all" (Linear
-            and Conv), "linear", or "none". "auto" (default) = "linear": a convolution's second
-            (variance) product costs as much as the layer itself, while drawing its few weights is
-            cheap (benchmarks/step_time.py). The Pyro model itself always samples weights.
+            pre-activations for (per example) instead of weights (once per batch): "auto" (default)
+            = "linear" (Linear layers, for their (B, D) inputs; other inputs sample weights, see
+            ``layers``), or "none". Convolutions always sample weights: LRT is not exact for them
+            (their spatial positions share one weight draw), so "all" is refused. The Pyro model
+            itself always samples weights.
 
     Calling the model, ``model(x, y=None)``, runs it as a Pyro model: x (B, ...), y (B,).
     """
@@ -117,6 +161,8 @@ class BayesianNetwork(nn.Module):
         self.likelihood = likelihood if likelihood is not None else Categorical()
         self.dataset_size = int(dataset_size)
         self.pyro_name = name if name is not None else f"BayesianNetwork{next(_instance_counter)}"
+        if local_reparameterization in _INEXACT_LRT:
+            raise ValueError(_INEXACT_LRT[local_reparameterization])
         if local_reparameterization not in _LRT_LAYERS:
             raise ValueError(
                 f"local_reparameterization must be one of {sorted(_LRT_LAYERS)}, got {local_reparameterization!r}"
@@ -129,6 +175,29 @@ class BayesianNetwork(nn.Module):
         self._site_layers = {
             name: (self.net.get_submodule(site.module_path), site.attribute) for name, site in self.sites.items()
         }
+        self._mask_link = _MaskLink()
+
+    # ----------------------------------------------------------------------------------------
+    # Masks of pruned weights (kept by the guide)
+    # ----------------------------------------------------------------------------------------
+    def use_masks(self, source: MaskSource | None) -> None:
+        """Read the masks of pruned weights from ``source`` (a guide of this model) from now on; None: no masks."""
+        self._mask_link.source = source
+
+    def site_masks(self) -> dict[str, torch.Tensor]:
+        """Site name -> bool mask (the weight's shape, True = active) of the sites with pruned weights."""
+        source = self._mask_link.source
+        if source is None:
+            return {}
+        return {name: mask for name, mask in source.masks().items() if name in self.sites and not bool(mask.all())}
+
+    def site_prior(self, name: str, mask: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """The prior of site ``name`` (event shape = the weight's), with masked (pruned) coordinates
+        contributing 0 to its log density."""
+        prior = self.prior.distribution(self.sites[name].shape)
+        if mask is None:
+            return prior
+        return prior.base_dist.mask(mask).to_event(prior.reinterpreted_batch_ndims)
 
     def _make_bayesian(self, include, exclude, lrt_layers: tuple[type, ...]) -> dict[str, Site]:
         is_bayesian = include or _default_is_bayesian
@@ -243,9 +312,16 @@ class BayesianNetwork(nn.Module):
     # The Pyro model
     # ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Pyro model: samples every Bayesian parameter, then observes y (B,) given x (B, ...)."""
+        """Pyro model: samples every Bayesian parameter, then observes y (B,) given x (B, ...).
+
+        Pruned weights (``site_masks``) are exactly zero and out of the log density."""
         pyro.module(self.pyro_name, self)
-        weights = {name: pyro.sample(name, self.prior.distribution(site.shape)) for name, site in self.sites.items()}
+        masks = self.site_masks()
+        weights = {}
+        for name in self.sites:
+            mask = masks.get(name)
+            weight = pyro.sample(name, self.site_prior(name, mask))
+            weights[name] = weight if mask is None else weight * mask
         output = self.apply(x, weights)
         batch = torch.arange(x.shape[0], device=x.device)
         with pyro.plate("data", self.dataset_size, subsample=batch):

@@ -176,8 +176,7 @@ class SpikeAndSlab(Prior):
     def adaptive_precision(self, inclusion: torch.Tensor) -> torch.Tensor:
         """Per-weight precision ρ/σ₁² + (1 − ρ)/σ₀² of the adaptive L2 prior, for inclusion
         probabilities ρ (any shape): −λ w is the prior gradient EM-SGHMC samples with."""
-        slab, spike = self.slab_scale.pow(-2), self.spike_scale.pow(-2)
-        return torch.lerp(spike.expand_as(inclusion), slab.expand_as(inclusion), inclusion)
+        return adaptive_precision(inclusion, self.slab_scale, self.spike_scale)
 
     @torch.no_grad()
     def m_step(
@@ -189,32 +188,24 @@ class SpikeAndSlab(Prior):
         slab_prior: tuple[float, float] = (1.0, 1.0),
         spike_prior: tuple[float, float] | None = None,
     ) -> dict[str, float]:
-        """M-step: move the hyperparameters (in place) a fraction ``rate`` towards their MAP values.
+        """M-step: move the hyperparameters (in place) a fraction ``rate`` towards their MAP values
+        given ρ and w (``map_hyperparameters`` of ``em_statistics``).
 
         Args:
             inclusion: ρ, the E-step's inclusion probabilities (any shape; removed weights carry
                 ρ = 0 and w = 0, so they count as spike).
             weight: w, the same shape.
-            rate: the stochastic-approximation weight ω ∈ (0, 1] (1 = jump to the MAP values).
-            beta_prior: (a, b) of the Beta prior on π: π* = (Σρ + a − 1) / (p + a + b − 2).
-            slab_prior: (α, β) of the inverse-gamma prior on σ₁²: σ₁²* = (Σρw² + 2β) / (Σρ + 2α + 2).
-            spike_prior: the same for σ₀² with weights 1 − ρ; None keeps σ₀ fixed.
+            rate: ω ∈ (0, 1] (1 = jump to the MAP values).
+            beta_prior, slab_prior, spike_prior: as in ``map_hyperparameters``.
 
-        π stays inside (0, 1) and σ₁ above σ₀. Returns the new values as floats.
+        Returns the new values as floats.
         """
-        a, b = beta_prior
-        count = float(inclusion.numel())
-        included = inclusion.sum()
-        pi = ((included + a - 1) / (count + a + b - 2)).clamp(1e-6, 1 - 1e-6)
-        second = (weight * weight).reshape(-1)
-        alpha, beta = slab_prior
-        slab_var = (torch.dot(inclusion.reshape(-1), second) + 2 * beta) / (included + 2 * alpha + 2)
-        if spike_prior is not None:
-            alpha0, beta0 = spike_prior
-            spike_var = (torch.dot(1 - inclusion.reshape(-1), second) + 2 * beta0) / (count - included + 2 * alpha0 + 2)
-            self.spike_scale.lerp_(spike_var.sqrt().to(self.spike_scale), rate)
-        self.inclusion.lerp_(pi.to(self.inclusion), rate)
-        self.slab_scale.lerp_(slab_var.sqrt().to(self.slab_scale), rate)
+        groups = torch.zeros(inclusion.numel(), dtype=torch.long, device=inclusion.device)
+        stats = em_statistics(inclusion.reshape(-1), weight.reshape(-1), groups, 1)
+        new = map_hyperparameters(stats, self.spike_scale.reshape(1), beta_prior, slab_prior, spike_prior)
+        self.inclusion.lerp_(new["inclusion"].to(self.inclusion), rate)
+        self.spike_scale.lerp_(new["spike_scale"].reshape(()).to(self.spike_scale), rate)
+        self.slab_scale.lerp_(new["slab_scale"].to(self.slab_scale), rate)
         self.slab_scale.clamp_(min=float(self.spike_scale) * 1.01)
         return {"inclusion": float(self.inclusion), "slab_scale": float(self.slab_scale),
                 "spike_scale": float(self.spike_scale)}
@@ -224,6 +215,73 @@ class SpikeAndSlab(Prior):
             f"slab_scale={float(self.slab_scale):g}, spike_scale={float(self.spike_scale):g}, "
             f"inclusion={float(self.inclusion):g}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# EM for spike-and-slab hyperparameters, from sufficient statistics (shared by one chain, many
+# chains, or many ranks: statistics add up, so pooling is a sum or an all-reduce)
+# ----------------------------------------------------------------------------------------------
+def adaptive_precision(inclusion: torch.Tensor, slab_scale: torch.Tensor, spike_scale: torch.Tensor) -> torch.Tensor:
+    """ρ/σ₁² + (1 − ρ)/σ₀², elementwise; σ₀ may be a tensor broadcastable to ρ (per-weight σ₀)."""
+    slab, spike = slab_scale.pow(-2), spike_scale.pow(-2)
+    return torch.lerp(spike.expand_as(inclusion), slab.expand_as(inclusion), inclusion)
+
+
+def em_statistics(inclusion: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor,
+                  num_groups: int) -> dict[str, torch.Tensor]:
+    """The sufficient statistics of the spike-and-slab M-step.
+
+    Args:
+        inclusion: ρ (W,), inclusion probabilities (0 for removed weights, which count as spike).
+        weight: w (W,).
+        groups: (W,) long, the σ₀ group (layer) of each weight, in [0, num_groups).
+
+    Returns:
+        "count" p (0-dim), "included" Σρ (0-dim), "slab_square" Σρw² (0-dim),
+        "spike_count" Σ(1 − ρ) per group (G,), "spike_square" Σ(1 − ρ)w² per group (G,).
+    """
+    square = weight * weight
+    excluded = 1 - inclusion
+    zeros = torch.zeros(num_groups, dtype=weight.dtype, device=weight.device)
+    return {"count": torch.tensor(float(weight.numel()), dtype=weight.dtype, device=weight.device),
+            "included": inclusion.sum(), "slab_square": torch.dot(inclusion, square),
+            "spike_count": zeros.index_add(0, groups, excluded),
+            "spike_square": zeros.index_add(0, groups, excluded * square)}
+
+
+def pool_statistics(statistics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The statistics of several chains (or, all-reduced, ranks) together: their sum."""
+    return {key: torch.stack([stats[key] for stats in statistics]).sum(0) for key in statistics[0]}
+
+
+def map_hyperparameters(
+    statistics: dict[str, torch.Tensor],
+    spike_scale: torch.Tensor,
+    beta_prior: tuple[float, float] = (1.0, 1.0),
+    slab_prior: tuple[float, float] = (1.0, 1.0),
+    spike_prior: tuple[float, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """MAP hyperparameters given ``em_statistics`` (the M-step).
+
+    π* = (Σρ + a − 1) / (p + a + b − 2) under a Beta(a, b) prior (kept inside (0, 1));
+    σ₁²* = (Σρw² + 2β) / (Σρ + 2α + 2) under an inverse-gamma(α, β) prior on σ₁² (``slab_prior``);
+    σ₀²* per group likewise with weights 1 − ρ under ``spike_prior``, or σ₀ = ``spike_scale`` (G,)
+    unchanged when it is None. σ₁ is kept above 1.01 max σ₀.
+
+    Deviation from Deng et al. (2019): they hold σ₀ and σ₁ fixed and adapt only π (and the noise
+    variance); we also estimate σ₁² (and optionally σ₀²) by MAP under an inverse-gamma prior, because
+    the right slab scale depends on the network and the data and is not known in advance.
+    """
+    a, b = beta_prior
+    included = statistics["included"]
+    pi = ((included + a - 1) / (statistics["count"] + a + b - 2)).clamp(1e-6, 1 - 1e-6)
+    alpha, beta = slab_prior
+    slab = ((statistics["slab_square"] + 2 * beta) / (included + 2 * alpha + 2)).sqrt()
+    spike = spike_scale.to(slab)
+    if spike_prior is not None:
+        alpha0, beta0 = spike_prior
+        spike = ((statistics["spike_square"] + 2 * beta0) / (statistics["spike_count"] + 2 * alpha0 + 2)).sqrt()
+    return {"inclusion": pi, "slab_scale": torch.maximum(slab, spike.max() * 1.01), "spike_scale": spike}
 
 
 PRIORS = {"gaussian": Gaussian, "spike-slab": SpikeAndSlab}

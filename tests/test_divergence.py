@@ -131,3 +131,44 @@ def test_fit_saves_no_non_finite_parameter_even_when_the_loss_is_finite(digits, 
         ps.fit(model, guide, digits.train, epochs=3, batch_size=128, seed=0, checkpoint=path,
                callbacks=[poison_in_epoch_2])
     _assert_last_good_checkpoint(path, epoch=1, epochs=3)
+
+
+def test_epoch_hooks_never_see_a_diverged_state(digits):
+    """A step hook poisons a mean; the epoch hooks (a user's callback that might save) must not run."""
+    model, guide = _mlp_and_guide(digits)
+    seen = []
+
+    def poison(state):
+        if state.epoch == 1 and state.step == state.steps_per_epoch - 1:
+            with torch.no_grad():
+                guide.site("1.weight").loc[0, 0] = math.nan
+
+    class Saver:
+        on_step_end = staticmethod(poison)
+
+        def on_epoch_end(self, state):
+            seen.append(state.epoch)
+
+    with pytest.raises(TrainingDiverged, match="epoch 2"):
+        ps.fit(model, guide, digits.train, epochs=3, batch_size=128, seed=0, callbacks=[Saver()])
+    assert seen == [0]
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_training(digits, tmp_path):
+    model, guide = _mlp_and_guide(digits)
+    with pytest.raises(ValueError, match="is a folder: give the path of a file in it"):
+        ps.fit(model, guide, digits.train, epochs=1, checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="is a folder: give the path of a file in it"):
+        ps.em_sghmc(_spike_and_slab_model(digits), digits.train, epochs=2, samples=2, checkpoint=tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("shuffle_rng", 5), ("epoch", "x"), ("history", {}), ("model", 5)])
+def test_fit_refuses_a_well_formed_checkpoint_with_wrong_contents(digits, tmp_path, field, value):
+    path = tmp_path / "fit.pt"
+    model, guide = _mlp_and_guide(digits)
+    ps.fit(model, guide, digits.train, epochs=1, batch_size=128, seed=0, checkpoint=path)
+    state = checkpoint.load(path)
+    state[field] = value
+    path.write_bytes(checkpoint.encode(state))
+    with pytest.raises(ps.errors.CheckpointError, match="fit.pt refused"):
+        ps.fit(model, guide, digits.train, epochs=2, batch_size=128, seed=0, checkpoint=path, resume=True)

@@ -28,6 +28,8 @@ def test_default_fit_is_accurate_and_calibrated_on_digits(digits, prior):
     assert results["accuracy"] >= 0.95
     assert results["ece"] <= 0.05
     assert results["mean_sample_accuracy"] >= 0.9
+    sigma = history.column("mean_sigma")  # σ grows from its initial 1e-3 (history.csv shows how far)
+    assert sigma[0] < sigma[-1] and {"mean_sigma[1.weight]", "mean_sigma[3.weight]"} <= set(history[-1])
     assert results["sparsity"] == 0.0 and results["active_weights"] == results["total_weights"] == 7400
 
 
@@ -85,7 +87,7 @@ def test_resume_applies_the_arguments_of_this_call_and_history_shows_from_when(d
     assert saved["epoch"] == saved["epochs"] == 2  # a finished run
     history = ps.fit(model, guide, digits.train, epochs=4, lr=1e-3, warmup_epochs=8, resume=True, **kwargs)
     assert history.column("lr") == [5e-3, 5e-3, 1e-3, 1e-3]
-    assert [group["lr"] for group in seen[-1]] == [1e-3]  # the optimizer runs with it, not the saved 5e-3
+    assert [group["lr"] for group in seen[-1]] == [1e-3, 1e-3]  # this call's lr (μ and ρ groups), not the saved
     assert history.column("kl_factor")[:2] == [1.0, 1.0] and history.column("kl_factor")[2] < 0.5  # warm-up too
     saved = checkpoint.load(path)
     assert saved["epoch"] == saved["epochs"] == 4 and saved["history"][-1]["lr"] == 1e-3

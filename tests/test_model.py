@@ -87,22 +87,14 @@ def test_local_reparameterization_samples_the_right_preactivation_moments():
     assert torch.allclose(model.apply(x), layer(x))
 
 
-def test_local_reparameterization_for_convolutions_when_asked():
+def test_convolutions_never_use_local_reparameterization():
+    """LRT is not exact for a convolution (its spatial positions share one weight draw): refused."""
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 2))
     auto = ps.BayesianNetwork(net, dataset_size=10)
     assert [s.local_reparameterization for s in auto.sites.values()] == [False, True]
-    full = ps.BayesianNetwork(net, dataset_size=10, local_reparameterization="all")
-    assert all(s.local_reparameterization for s in full.sites.values())
-    x = torch.randn(3, 2, 5, 5)
-    w = torch.randn(3, 2, 3, 3) * 0.2
-    out = torch.stack([full.net[0](x) for _ in range(2)])
-    full.net[0]._moments = {"weight": (w, torch.zeros_like(w))}
-    try:
-        zero_var = full.net[0](x)
-    finally:
-        full.net[0]._moments = None
-    assert torch.allclose(zero_var, nn.functional.conv2d(x, w, net[0].bias, padding=1), atol=1e-6)
-    assert torch.equal(out[0], out[1])
+    assert not isinstance(auto.net[0], ps.layers.LocalReparameterization)
+    with pytest.raises(ValueError, match="not exact for convolutions"):
+        ps.BayesianNetwork(net, dataset_size=10, local_reparameterization="all")
     with pytest.raises(ValueError, match="local_reparameterization must be one of"):
         ps.BayesianNetwork(net, dataset_size=10, local_reparameterization="sometimes")
 
@@ -173,7 +165,7 @@ def test_local_reparameterization_with_a_bayesian_bias():
 def test_a_whole_model_survives_torch_save_and_deepcopy(tmp_path):
     import copy
 
-    model = ps.BayesianNetwork(ps.nets.lenet5(), dataset_size=100, local_reparameterization="all")
+    model = ps.BayesianNetwork(ps.nets.lenet5(), dataset_size=100)
     torch.save(model, tmp_path / "model.pt")
     for restored in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
         assert set(restored.sites) == set(model.sites)

@@ -5,6 +5,10 @@ mask m per site. Dense VI keeps every mask full; SNR pruning and sparse-subspace
 the masks (and, for SSVI, which coordinates are stored). Masked weights have μ = σ = 0: every
 sample, prediction, KL and gradient treats them as removed.
 
+The masks live here and nowhere else: the guide registers itself with its model
+(``BayesianNetwork.use_masks``), which reads ``masks()`` at every call and masks pruned weights
+out of its log density, so Pyro's ``Trace_ELBO`` sees the same objective as ``fit``.
+
 Two storages of a site, with one interface (``mask``, ``scale()``, ``is_dense()``, ``num_active()``,
 ``set_mask()``, ``variational()``, ``moments_and_kl()``):
 
@@ -30,6 +34,12 @@ from ..priors import Prior
 from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
+
+DEFAULT_INIT_SCALE = 1e-3
+"""The initial σ of every weight (all guides). Kept at 1e-3 after a validation sweep (20 % of the training
+data held out; wine, breast cancer, diabetes, Friedman #1, digits, 6,000 Fashion-MNIST images): no setting of
+init_scale (1e-3 to 0.1), learning rate (5e-3 to 3e-2), ρ learning rate (1 to 5 × lr) or KL warm-up (none,
+half the run) was better on every task. Follow σ in ``fit``'s history ("mean_sigma" columns)."""
 
 
 def _key(site_name: str) -> str:
@@ -228,8 +238,9 @@ class MeanField(nn.Module):
 
     Args:
         model: the BayesianNetwork whose Bayesian parameters this guide covers.
-        init_scale: the initial σ of every weight. μ starts at the network's own initialisation,
-            so training starts from a good deterministic network with a little noise.
+        init_scale: the initial σ of every weight. μ starts at the network's own initialisation.
+            Default ``DEFAULT_INIT_SCALE`` (1e-3). σ then grows by about the learning rate per
+            step in ρ: follow it in ``fit``'s history ("mean_sigma" columns).
         name: prefix of this guide's parameters in Pyro's param store (default: unique).
         compact: site name -> bool support mask (the weight's shape): these sites are stored as
             ``CompactSite`` (μ, ρ of the active weights only); all others as dense ``MeanFieldSite``.
@@ -241,18 +252,20 @@ class MeanField(nn.Module):
     def __init__(
         self,
         model: BayesianNetwork,
-        init_scale: float = 1e-3,
+        init_scale: float | None = None,
         name: str | None = None,
         compact: Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         check_model(model)
+        init_scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
         if not math.isfinite(init_scale) or init_scale <= 0:
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
         compact = dict(compact or {})
         unknown = set(compact) - set(model.sites)
         if unknown:
             raise ValueError(f"compact names unknown sites {sorted(unknown)}; sites are {list(model.sites)}")
+        self.init_scale = float(init_scale)
         self.site_info: dict[str, Site] = dict(model.sites)
         self.pyro_name = name if name is not None else f"{type(self).__name__}{next(_instance_counter)}"
         self.sites = nn.ModuleDict({
@@ -260,6 +273,7 @@ class MeanField(nn.Module):
             else MeanFieldSite(model.initial_value(name), init_scale)
             for name in self.site_info
         })
+        model.use_masks(self)
 
     def check_model(self, model: BayesianNetwork) -> None:
         """Raise ValueError unless ``model`` has exactly this guide's Bayesian sites (names and shapes).
@@ -310,6 +324,17 @@ class MeanField(nn.Module):
         if mask.shape != site.shape:
             raise ValueError(f"mask for {name!r} must have shape {tuple(site.shape)}, got {tuple(mask.shape)}")
         site.set_mask(mask)
+
+    @torch.no_grad()
+    def scale_sums(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Site name -> (Σ σ over the active weights (0-dim tensor), number of active weights)."""
+        sums = {}
+        for name, site in self.named_sites():
+            scale = site.scale()
+            if isinstance(site, MeanFieldSite) and not site.is_dense():
+                scale = scale[site.mask]
+            sums[name] = (scale.sum(), site.num_active())
+        return sums
 
     def active_counts(self) -> dict[str, int]:
         """Site name -> number of active weights."""

@@ -14,7 +14,11 @@ Study* (2020; their tool BPrune), with what that tool got wrong put right:
   redundant ones hard; pruning every layer by the same fraction loses several points more at
   90-95 % on Fashion-MNIST (benchmarks/README.md);
 - the surviving weights can be fine-tuned with ``pyro_sparse.fit`` (masks are buffers: they stay
-  put, and they are saved in checkpoints).
+  put, and they are saved in checkpoints). Deviation from Sharma & Jennings (2020): they evaluate
+  the pruned posterior without retraining; fine-tuning is ours, because it recovers most of the
+  accuracy lost at 90-95 % (benchmarks/snr_sweep.py). ``PAPER_SETTING`` turns it off;
+- pruned weights are removed from the model's prior too (``BayesianNetwork.use_masks``), so the
+  ELBO after pruning is that of the smaller model, whichever estimator computes it.
 
     guide = SNRPruned(model)
     ps.fit(model, guide, data.train, epochs=30)            # dense mean-field VI
@@ -67,7 +71,7 @@ class SNRPruned(MeanField):
     ``SNRPruned(model).load_state_dict(mean_field.state_dict())``.
     """
 
-    def __init__(self, model: BayesianNetwork, init_scale: float = 1e-3, name: str | None = None):
+    def __init__(self, model: BayesianNetwork, init_scale: float | None = None, name: str | None = None):
         super().__init__(model, init_scale=init_scale, name=name)
         self.pruned_threshold: float | dict[str, float] | None = None
 

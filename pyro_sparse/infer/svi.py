@@ -23,14 +23,17 @@ from ..data import as_tensors
 from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
-from .elbo import ElboTerms, negative_elbo
+from .elbo import ElboTerms, check_kl_estimator, negative_elbo
 from .sghmc import check_seed, first_non_finite
 
 
 class History(list):
     """One dict per epoch: epoch, loss (−ELBO per example), nll (per example), kl (nats, total),
     kl_factor (β at the epoch's last step), lr (Adam's learning rate in the epoch), seconds (training
-    time so far), plus whatever callbacks recorded."""
+    time so far), scale_lr (the learning rate of ρ and the noise scale), kl_estimator ("bound" or "mc",
+    see ``fit``), mean_sigma (the mean σ of all active
+    weights at the epoch's end) and mean_sigma[<site>] (the same per Bayesian site), plus whatever
+    callbacks recorded. σ has converged when the mean_sigma columns have stopped moving."""
 
     def column(self, key: str) -> list[Any]:
         return [record.get(key) for record in self]
@@ -85,13 +88,39 @@ def _check_positive(name: str, value: float, integer: bool = False, allow_zero: 
         raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where this torch build supports it (several times faster
-    than the per-tensor loop on CPU)."""
+def make_adam(params: list[torch.nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.Adam:
+    """Adam (over parameters or parameter groups), fused into one kernel per step where this torch
+    build supports it (several times faster than the per-tensor loop on CPU)."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
+
+
+SCALE_LR_FACTOR = 1.0
+"""``fit``'s default ``scale_lr`` is this × ``lr`` (see ``parameter_groups``): one learning rate for all.
+A factor of 5 makes σ converge within a few hundred steps, but on 20 % validation splits it made predictions
+worse once σ had converged: with the N(0, 1) prior the converged mean-field posterior of a small MLP underfits
+(2 × 50 hidden units, >= 2,000 steps: diabetes RMSE 0.87 against linear regression's 0.69, Friedman #1 0.64
+against the deterministic net's 0.34, 95 % coverage 1.00; digits ECE 0.081 against 0.063 with one learning
+rate), the symptom issue 10 reports. The remedy is the prior, not the optimiser."""
+
+
+def parameter_groups(model: BayesianNetwork, guide: MeanField, lr: float, scale_lr: float) -> list[dict[str, Any]]:
+    """Adam's two parameter groups: the means μ and the network's deterministic parameters at ``lr``;
+    the log-scale parameters, ρ of every site (σ = softplus(ρ) ≈ e^ρ for small σ) and the likelihood's
+    parameters (a learned log noise scale), at ``scale_lr``.
+
+    Adam moves every parameter by about its learning rate per step. For μ that is an absolute change;
+    for a log-scale parameter a relative change of σ: at lr = 5e-3, σ needs ~900 steps to grow 100-fold,
+    more than a 30-epoch run on 1,000 examples has (480 steps at batch 64). A separate ``scale_lr``
+    lets σ and the noise scale move faster than μ when a run is short; the default is ``lr``
+    (``SCALE_LR_FACTOR``).
+    """
+    scales = [site.rho for _, site in guide.named_sites()] + list(model.likelihood.parameters())
+    scale_ids = {id(param) for param in scales}
+    means = [param for param in (*guide.parameters(), *model.parameters()) if id(param) not in scale_ids]
+    return [{"params": means, "lr": lr}, {"params": scales, "lr": scale_lr}]
 
 
 DIVERGENCE_CHECK_EVERY = 16
@@ -105,8 +134,10 @@ def fit(
     epochs: int = 10,
     batch_size: int = 64,
     lr: float = 5e-3,
+    scale_lr: float | None = None,
     kl_weight: float = 1.0,
     warmup_epochs: int = 0,
+    kl: str = "bound",
     callbacks: Iterable[Callback] = (),
     device: str | torch.device | None = None,
     seed: int | None = None,
@@ -121,9 +152,17 @@ def fit(
         model: the BayesianNetwork.
         guide: a MeanField guide (or one of its subclasses) of ``model``.
         data: training data: (x, y) tensors, a TensorDataset or a ``ps.data.Dataset`` (its train split).
-        epochs, batch_size, lr: the Adam schedule.
+        epochs, batch_size, lr: the Adam schedule; ``lr`` is the learning rate of the means μ and
+            of the network's deterministic parameters.
+        scale_lr: the learning rate of the log-scale parameters (ρ, the likelihood's noise scale; see
+            ``parameter_groups``); default ``SCALE_LR_FACTOR`` × lr.
         kl_weight: β, the weight of the KL term (1 = the ELBO; < 1 is a "cold" posterior).
         warmup_epochs: ramp β linearly from 0 to ``kl_weight`` over this many epochs (0 = none).
+        kl: how the KL term is estimated (``infer.elbo``): "bound" (default), the closed form: exact
+            for a Gaussian prior, an upper bound on the KL for spike-and-slab (so the objective is
+            a lower bound on the ELBO, as Pyro's ``TraceMeanField_ELBO``); or "mc", log q(w) − log p(w)
+            at the drawn weights: exact in expectation (as Pyro's ``Trace_ELBO``), noisier. Recorded
+            in the history's "kl_estimator" column.
         callbacks: objects with ``on_step_end(state)`` and/or ``on_epoch_end(state)``; a plain
             callable is called at each epoch end. The guide's own hooks run first.
         device: where to train ("cpu", "cuda", ...); default: where the guide's parameters are.
@@ -132,14 +171,15 @@ def fit(
         checkpoint: a path; the full training state is written there atomically after every epoch,
             with "epoch" (done) and "epochs" (planned): the run is finished when they are equal.
         resume: continue from ``checkpoint`` if it exists (the result equals an uninterrupted run).
-            The arguments of this call apply from the first resumed epoch: ``lr`` replaces the
-            learning rate stored with the optimizer state, ``kl_weight`` and ``warmup_epochs`` set β.
+            The arguments of this call apply from the first resumed epoch: ``lr`` and ``scale_lr`` replace
+            the learning rates stored with the optimizer state, ``kl_weight`` and ``warmup_epochs`` set β.
         progress: show a tqdm progress bar (default: when stderr is a terminal).
         metadata: saved in the checkpoint under "metadata" (e.g. how to rebuild the model).
 
     Returns:
-        the History (one record per epoch, including the epochs before a resume); its "lr" column is
-        the learning rate each epoch ran with.
+        the History (one record per epoch, including the epochs before a resume); its "lr" and
+        "scale_lr" columns are the learning rates each epoch ran with. Its "mean_sigma" columns show
+        whether σ has converged (they stop moving).
 
     Raises:
         errors.TrainingDiverged: a step's loss, or at an epoch's end a parameter or optimizer state,
@@ -155,11 +195,17 @@ def fit(
     _check_positive("epochs", epochs, integer=True)
     _check_positive("batch_size", batch_size, integer=True)
     _check_positive("lr", lr)
+    scale_lr = SCALE_LR_FACTOR * lr if scale_lr is None else scale_lr
+    _check_positive("scale_lr", scale_lr)
     _check_positive("kl_weight", kl_weight, allow_zero=True)
     _check_positive("warmup_epochs", warmup_epochs, integer=True, allow_zero=True)
+    check_kl_estimator(kl)
     seed = check_seed(seed)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is a folder: give the path of a file in it, e.g. "
+                         f"{Path(checkpoint) / 'checkpoint.pt'}")
     x, y = as_tensors(data)
     model.check_batch(x, y)
     if len(x) != model.dataset_size:
@@ -169,11 +215,12 @@ def fit(
             stacklevel=2,
         )
 
+    model.use_masks(guide)  # the model reads the pruned weights' masks from this guide
     device = torch.device(device) if device is not None else next(guide.parameters()).device
     model.to(device)
     guide.to(device)
     x, y = x.to(device), y.to(device)
-    optimizer = make_adam([*guide.parameters(), *model.parameters()], lr)
+    optimizer = make_adam(parameter_groups(model, guide, lr, scale_lr), lr)
     shuffle = torch.Generator()
     shuffle.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
     if seed is not None:
@@ -183,13 +230,18 @@ def fit(
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
         _restore(saved, checkpoint, model, guide, optimizer, shuffle)
-        for group in optimizer.param_groups:  # this call's learning rate, not the checkpoint's
-            group["lr"] = lr
+        for group, group_lr in zip(optimizer.param_groups, (lr, scale_lr), strict=True):  # this call's, not the saved
+            group["lr"] = group_lr
         history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
         train_seconds = history[-1]["seconds"] if history else 0.0
 
     def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
         return TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}", what, "lr", last_saved)
+
+    def check_finite(epoch: int, training_state: dict[str, Any]) -> None:
+        bad = first_non_finite(training_state)
+        if bad is not None:
+            raise diverged(epoch, steps_per_epoch - 1, f"{bad} is not finite after the epoch")
 
     def beta(epochs_done: float) -> float:
         """The KL weight after ``epochs_done`` (fractional) epochs: the warm-up ramp, then ``kl_weight``."""
@@ -205,25 +257,25 @@ def fit(
         for epoch in bar:
             state = TrainingState(model, guide, optimizer, epoch, 0, epoch * steps_per_epoch, steps_per_epoch, epochs,
                                   history=history)
-            epoch_lr = optimizer.param_groups[0]["lr"]
+            epoch_lr, epoch_scale_lr = (group["lr"] for group in optimizer.param_groups)
             started = time.perf_counter()
             order = torch.randperm(n, generator=shuffle).to(device)
-            totals = _run_epoch(state, x, y, order, batch_size, beta, step_hooks, diverged)
+            totals = _run_epoch(state, x, y, order, batch_size, beta, kl, step_hooks, diverged)
             train_seconds += time.perf_counter() - started
-            loss, nll, kl = (totals / n).tolist()
+            loss, nll, kl_total = (totals / n).tolist()
             if not math.isfinite(loss):
                 raise diverged(epoch, steps_per_epoch - 1, f"the epoch's mean loss is {loss}")
             state.batch = state.terms = None
+            check_finite(epoch, _training_state(model, guide, optimizer))  # hooks never see a diverged state
             for hook in epoch_hooks:
                 hook(state)
             training_state = _training_state(model, guide, optimizer)
-            bad = first_non_finite(training_state)
-            if bad is not None:
-                raise diverged(epoch, steps_per_epoch - 1, f"{bad} is not finite after the epoch")
+            check_finite(epoch, training_state)  # ... and nothing diverged is saved
             last_beta = beta(epoch + (steps_per_epoch - 1) / steps_per_epoch)
-            history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl, "kl_factor": last_beta,
-                            "lr": epoch_lr, "seconds": train_seconds, **state.record})
-            bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl:.4g}")
+            history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl_total, "kl_factor": last_beta,
+                            "lr": epoch_lr, "seconds": train_seconds, "scale_lr": epoch_scale_lr, "kl_estimator": kl,
+                            **sigma_columns(guide), **state.record})
+            bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl_total:.4g}")
             if checkpoint is not None:
                 checkpoints.save(
                     {**training_state, "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
@@ -242,10 +294,11 @@ def _run_epoch(
     order: torch.Tensor,
     batch_size: int,
     beta: Callable[[float], float],
+    kl: str,
     step_hooks: list[Callable[[TrainingState], None]],
     diverged: Callable[[int, int, str], TrainingDiverged],
 ) -> torch.Tensor:
-    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)``.
+    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)`` and KL estimator ``kl``.
 
     Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
     step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
@@ -258,7 +311,7 @@ def _run_epoch(
     for step in range(state.steps_per_epoch):
         index = order[step * batch_size : (step + 1) * batch_size]
         kl_weight = beta(state.epoch + step / state.steps_per_epoch)
-        terms = negative_elbo(model, guide, x[index], y[index], kl_weight=kl_weight)
+        terms = negative_elbo(model, guide, x[index], y[index], kl_weight=kl_weight, kl=kl)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -273,6 +326,15 @@ def _run_epoch(
         for hook in step_hooks:
             hook(state)
     return totals
+
+
+def sigma_columns(guide: MeanField) -> dict[str, float]:
+    """History columns: "mean_sigma" (mean σ over all active weights) and "mean_sigma[<site>]" per site."""
+    sums = {name: (float(total), count) for name, (total, count) in guide.scale_sums().items()}
+    active = sum(count for _, count in sums.values())
+    columns = {"mean_sigma": sum(total for total, _ in sums.values()) / max(active, 1)}
+    columns.update({f"mean_sigma[{name}]": total / max(count, 1) for name, (total, count) in sums.items()})
+    return columns
 
 
 def _check_step_terms(step_terms: torch.Tensor, start: int, stop: int, epoch: int,
@@ -301,17 +363,23 @@ def _restore(saved: dict[str, Any], path: str | os.PathLike, model: BayesianNetw
     if missing:
         raise CheckpointError(path, f"it was not written by fit (it has no {', '.join(missing)}); resume a fit "
                                     f"run, or start a new checkpoint")
+    if not isinstance(saved["epoch"], int) or not isinstance(saved["history"], list):
+        raise CheckpointError(path, "its epoch count or history is not what fit writes; start a new checkpoint")
     try:
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(path, f"it was written for another model or guide ({_summary(error)}); resume with "
                                     f"the same model, or start a new checkpoint") from error
-    shuffle.set_state(saved["shuffle_rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    try:
+        shuffle.set_state(saved["shuffle_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointError(path, f"its random-number states are not what fit writes ({_summary(error)}); start "
+                                    f"a new checkpoint") from error
 
 
 def _summary(error: Exception, limit: int = 300) -> str:

@@ -1,10 +1,12 @@
 """``--method em-sghmc``: SGHMC with EM updates of a spike-and-slab prior and one-shot pruning.
 
 Reads ``--sparsity`` (target, default 0.9), ``--chains`` (default 2) and ``--samples`` (draws kept per
-chain; prediction uses at most the stored draws). ``--lr`` is the SGHMC step size ε (of the
-per-example loss, RMSprop-preconditioned). The prior is spike-and-slab (the only ``--prior`` it takes),
-built from ``--prior-scale`` (σ₁), ``--spike-scale`` (σ₀) and ``--inclusion`` (π); ``--kl-weight`` and
-``--warmup-epochs`` (VI options) do not apply.
+chain; prediction uses at most the stored draws). ``--lr`` is the SGHMC step size ε, in preconditioned
+units (about the distance a weight drifts per step; default ``DEFAULT_LR``, chosen on validation splits
+of four tasks: ``benchmarks/em_sghmc.py --part validation``). The prior is spike-and-slab (the only
+``--prior`` it takes), built from ``--prior-scale`` (σ₁) and ``--inclusion`` (π); σ₀ is set per layer
+(2 % of the std of the layer's initial weights) unless ``--spike-scale`` gives one value for all.
+``--kl-weight`` and ``--warmup-epochs`` (VI options) do not apply.
 Besides the common outputs it writes ``posterior.nc`` (ArviZ InferenceData: hyperparameters, the
 16 weights of largest |mean|, lp / sparsity / step size, and the pointwise log-likelihood of up to
 2000 training examples, a seeded random subset, so that ``az.loo`` estimates the expected log
@@ -21,14 +23,14 @@ import torch
 
 from ..data import Dataset, as_tensors
 from ..evaluation import inference_flops
-from ..infer.em import em_sghmc, restore_result
+from ..infer.em import DEFAULT_STEP_SIZE, em_sghmc, restore_result
 from ..metrics import total_flops
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from ..priors import SpikeAndSlab
 from . import CHECKPOINT, TrainedRun
 
-DEFAULT_LR = 5e-3  # the SGHMC step size ε (--lr)
+DEFAULT_LR = DEFAULT_STEP_SIZE  # the SGHMC step size ε (--lr), in preconditioned units
 OPTIONS: frozenset[str] = frozenset({"sparsity", "chains"})
 # The step size, the epochs (burn-in is half of them) and the draws per chain fix the chain: none may change.
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset()
@@ -38,8 +40,17 @@ MAX_WEIGHTS = 16
 LOO_EXAMPLES = 2000  # training examples whose pointwise log-likelihood goes to posterior.nc (for az.loo)
 
 
+PLACEHOLDER_SPIKE_SCALE = 0.01  # the prior's scalar σ₀ when σ₀ is set per layer (not used for sampling)
+
+
+def _spike_scale(config: dict[str, Any]) -> float | str:
+    """``em_sghmc``'s spike_scale: the --spike-scale given, else "per-layer"."""
+    return "per-layer" if config.get("spike_scale") is None else config["spike_scale"]
+
+
 def _use_spike_and_slab(config: dict[str, Any], model: BayesianNetwork) -> None:
-    model.prior = SpikeAndSlab(config["prior_scale"], config["spike_scale"], config["inclusion"]).to(
+    spike = config.get("spike_scale") or PLACEHOLDER_SPIKE_SCALE
+    model.prior = SpikeAndSlab(config["prior_scale"], spike, config["inclusion"]).to(
         next(iter(model.net.buffers())).device
     )
 
@@ -55,7 +66,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     result = em_sghmc(
         model, dataset.train, target_sparsity=sparsity, chains=chains, samples=config["samples"],
         epochs=config["epochs"], batch_size=config["batch_size"], step_size=config["lr"], seed=config["seed"],
-        checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
+        spike_scale=_spike_scale(config), checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
     )
     x_train, y_train = as_tensors(dataset.train)
     subset = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config["seed"]))[:LOO_EXAMPLES]
@@ -68,8 +79,12 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     train_flops = sum(3 * dense * (1 - row["sparsity"]) * len(x_train) * chains for row in result.history)
     metrics = {"target_sparsity": sparsity, "num_chains": chains, "num_draws": result.posterior.num_stored // chains,
                **diagnostics(idata)}
-    for name in ("inclusion", "slab_scale", "spike_scale"):
+    for name in ("inclusion", "slab_scale"):
         metrics[f"prior_{name}"] = float(getattr(model.prior, name))
+    if config.get("spike_scale") is None:  # σ₀ per layer: one key per site
+        metrics.update({f"prior_spike_scale.{site}": value for site, value in result.spike_scale.items()})
+    else:
+        metrics["prior_spike_scale"] = float(config["spike_scale"])
     return TrainedRun(result.posterior, result.history, train_flops, metrics)
 
 
@@ -84,10 +99,7 @@ def _write_netcdf(idata, path: Path) -> None:
 
 
 def _trace_plot(az, idata, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is left as the user has it
 
     axes = az.plot_trace(idata, compact=True)
     figure = axes.ravel()[0].figure

@@ -30,11 +30,14 @@ from ..infer.svi import fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
+from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate of the dense phase (and of the fine-tuning unless --finetune-lr)
 OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr", "kl_weight", "warmup_epochs"})
 DENSE_CHECKPOINT = "dense.pt"
-CHECKPOINTS = (DENSE_CHECKPOINT, CHECKPOINT)
+# Per phase checkpoint: the option that counts its epochs, and the name of its epochs in resume_changes.
+PHASE_EPOCHS = {DENSE_CHECKPOINT: "epochs", CHECKPOINT: "finetune_epochs"}
+PHASE_LABELS = {DENSE_CHECKPOINT: "epoch", CHECKPOINT: "fine-tuning epoch"}
 # The dense phase and the pruning are fixed once done; the fine-tuning may be extended or its lr changed.
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"finetune_epochs", "finetune_lr"})
 DEFAULT_SPARSITY = 0.8
@@ -86,7 +89,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     metrics = {"target_sparsity": sparsity, "scope": SCOPE, "finetune_epochs": epochs_ft,
                "finetune_lr": config.get("finetune_lr") or config["lr"],
                "accuracy_before_pruning": before["accuracy"], "nll_before_pruning": before["nll"],
-               "ece_before_pruning": before["ece"]}
+               "ece_before_pruning": before["ece"], **variational_settings(guide, dense_history)}
     train_flops = dense_flops * len(dense_history) + ft_flops * len(ft_history)
     return TrainedRun(Posterior.from_guide(model, guide), history, train_flops, metrics)
 

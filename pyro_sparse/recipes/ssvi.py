@@ -25,6 +25,7 @@ from ..infer.svi import fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from . import CHECKPOINT, TrainedRun
+from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate
 OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs"})
@@ -65,6 +66,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
         "support_changes": sum(entry["moved"] for entry in guide.update_log),
         "trainable_bytes": trainable_bytes([*guide.parameters(), *model.parameters()]),
         "trainable_bytes_dense": dense_trainable_bytes(model),
+        **variational_settings(guide, history),
     }
     return TrainedRun(Posterior.from_guide(model, guide), history, train_flops, metrics)
 
