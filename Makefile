@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-base: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e ".[vision]"
+	$(BIN)/pip install --quiet -e ".[vision,arviz]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-base

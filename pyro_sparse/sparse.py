@@ -177,6 +177,8 @@ class Ensemble(nn.Module):
 def _posterior_weights(model: BayesianNetwork, posterior: MeanField | Posterior, mode: str,
                        num_samples: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """The weight sets to export (one for "mean", S for "samples") and each site's support mask."""
+    if isinstance(posterior, Posterior) and posterior.guide is not None:
+        posterior = posterior.guide  # Posterior.from_guide: export from the guide itself
     with torch.no_grad():
         if isinstance(posterior, MeanField):
             masks = {name: mask.clone() for name, mask in posterior.masks().items()}

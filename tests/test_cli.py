@@ -86,11 +86,16 @@ def test_evaluate_needs_a_run_folder(tmp_path, capsys):
     assert "no checkpoint.pt in" in capsys.readouterr().err
 
 
-def test_demo_prints_a_results_table(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--epochs", "2"]) == 0
+def test_demo_prints_the_four_methods_with_sparsity_and_size(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--epochs", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "prior" in printed and "accuracy" in printed and "gaussian" in printed and "spike-slab" in printed
-    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["gaussian", "spike-slab"]
+    table = printed[printed.index("method"):].splitlines()
+    assert table[0].split()[:6] == ["method", "accuracy", "ece", "nll", "sparsity", "export_kB"]
+    rows = {line.split()[0]: line.split() for line in table[2:6]}
+    assert sorted(rows) == ["em-sghmc", "snr", "ssvi", "vi"]
+    assert float(rows["vi"][4]) == 0.0 and all(float(rows[m][4]) == 0.9 for m in ("snr", "ssvi", "em-sghmc"))
+    assert all(float(rows[m][5]) < 0.5 * float(rows[m][6]) for m in ("snr", "ssvi"))  # CSR export is smaller
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["em-sghmc", "snr", "ssvi", "vi"]
 
 
 def _write_idx(path: Path, array) -> None:
