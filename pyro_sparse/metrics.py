@@ -25,6 +25,10 @@ __all__ = [
     "regression_metrics",
     "forward_flops",
     "total_flops",
+    "predictive_entropy",
+    "mutual_information",
+    "ood_auroc",
+    "selective_prediction",
 ]
 
 _PROB_FLOOR = 1e-12
@@ -383,3 +387,89 @@ def forward_flops(
 def total_flops(per_layer: Mapping[str, int]) -> int:
     """Sum of the per-layer counts returned by :func:`forward_flops`."""
     return int(sum(per_layer.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# uncertainty: out-of-distribution detection and selective prediction
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_sample_probs_only(sample_probs: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sample_probs, torch.Tensor) or sample_probs.dim() != 3 or sample_probs.numel() == 0:
+        shape = tuple(sample_probs.shape) if isinstance(sample_probs, torch.Tensor) else type(sample_probs).__name__
+        raise ValueError(f"sample_probs must be a non-empty tensor of shape (S, N, C), got {shape}")
+    return sample_probs.detach().to(torch.float64)
+
+
+def predictive_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
+    """H[E_θ p(y | x, θ)] per example (nats): total predictive uncertainty. sample_probs (S, N, C) -> (N,)."""
+    predictive = _check_sample_probs_only(sample_probs).mean(dim=0)
+    return -(predictive * predictive.clamp_min(_PROB_FLOOR).log()).sum(dim=-1)
+
+
+def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
+    """I[y; θ | x] = H[E_θ p] − E_θ H[p] per example (nats): the part of the uncertainty that comes from
+    not knowing the weights (epistemic; 0 for a single sample or a deterministic network).
+    sample_probs (S, N, C) -> (N,)."""
+    probs = _check_sample_probs_only(sample_probs)
+    expected_entropy = -(probs * probs.clamp_min(_PROB_FLOOR).log()).sum(dim=-1).mean(dim=0)
+    return (predictive_entropy(probs) - expected_entropy).clamp_min(0.0)
+
+
+def ood_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
+    """Area under the ROC curve of telling out-of-distribution inputs from in-distribution ones by a score
+    that should be higher out of distribution (e.g. ``predictive_entropy``, ``mutual_information``).
+
+    It is P(score_out > score_in) + ½ P(score_out = score_in) over all pairs (the Mann–Whitney U
+    statistic over n_in · n_out), computed from average ranks. 0.5 = chance, 1 = perfect.
+
+    Args:
+        scores_in: (N_in,) scores of in-distribution inputs; scores_out: (N_out,) of OOD inputs.
+    """
+    for name, scores in (("scores_in", scores_in), ("scores_out", scores_out)):
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D tensor of scores")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{name} contains NaN or inf")
+    both = torch.cat([scores_in, scores_out]).to(torch.float64)
+    order = torch.argsort(both, stable=True)
+    ranks = torch.empty_like(both)
+    ranks[order] = torch.arange(1, len(both) + 1, dtype=torch.float64)
+    values, inverse, counts = torch.unique(both, return_inverse=True, return_counts=True)
+    rank_sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    ranks = (rank_sums / counts)[inverse]  # ties share their average rank
+    n_in, n_out = len(scores_in), len(scores_out)
+    u = ranks[n_in:].sum().item() - n_out * (n_out + 1) / 2
+    return u / (n_in * n_out)
+
+
+def selective_prediction(
+    probs: torch.Tensor, y: torch.Tensor, uncertainty: torch.Tensor | None = None, num_points: int = 20
+) -> dict[str, torch.Tensor | float]:
+    """Accuracy when the model may abstain on its most uncertain inputs.
+
+    The inputs are sorted by ``uncertainty`` (default: 1 − the top-class probability); at coverage c
+    the ⌈c·N⌉ least uncertain are kept (ties broken by position) and the accuracy is measured on them.
+
+    Args:
+        probs: predictive class probabilities (N, C); y: labels (N,).
+        uncertainty: (N,) score, higher = more uncertain (e.g. ``predictive_entropy``).
+        num_points: coverages 1/num_points, 2/num_points, ..., 1.
+
+    Returns:
+        ``coverage`` (num_points,), ``accuracy`` (num_points,), and ``area`` — the mean accuracy over
+        the coverages (higher is better; the accuracy itself for a model that cannot rank its errors).
+    """
+    probs, y = _check_probs(probs, y)
+    if uncertainty is None:
+        uncertainty = 1.0 - probs.max(dim=-1).values
+    if not isinstance(uncertainty, torch.Tensor) or uncertainty.shape != y.shape:
+        raise ValueError(f"uncertainty must be a tensor of shape {tuple(y.shape)}, one score per example")
+    if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 1:
+        raise ValueError(f"num_points must be a positive integer, got {num_points!r}")
+    correct = (probs.argmax(dim=-1) == y).to(torch.float64)[torch.argsort(uncertainty.to(probs), stable=True)]
+    running = correct.cumsum(0) / torch.arange(1, len(y) + 1, dtype=torch.float64)
+    coverage = torch.arange(1, num_points + 1, dtype=torch.float64) / num_points
+    kept = torch.ceil(coverage * len(y) - 1e-9).long().clamp(1, len(y))
+    accuracy = running[kept - 1]
+    return {"coverage": coverage, "accuracy": accuracy, "area": accuracy.mean().item()}
