@@ -148,8 +148,9 @@ def export_sizes(model: BayesianNetwork, posterior: Posterior) -> dict[str, int]
 def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, config: dict[str, Any],
             out: Path) -> dict[str, Any]:
     x_test, y_test = datasets.as_tensors(dataset.test)
-    outputs = run.posterior.predict(x_test, num_samples=config["samples"])  # one set of draws: metrics and plot
-    results = summarize(model, run.posterior, outputs, x_test, y_test)
+    predictions = run.posterior.predictive(x_test, num_samples=config["samples"])  # one set: metrics and plot
+    outputs = predictions.outputs
+    results = summarize(model, run.posterior, predictions, x_test, y_test)
     history = run.history
     record = {
         "method": config["method"], "net": config["net"], "data": config["data"], "epochs": config["epochs"],

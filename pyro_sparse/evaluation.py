@@ -10,7 +10,7 @@ from . import metrics
 from .data import as_tensors
 from .guides.meanfield import MeanField
 from .model import BayesianNetwork
-from .posterior import Posterior, check_guide_type, check_model_type, check_positive_int
+from .posterior import Posterior, Predictions, check_guide_type, check_model_type, check_positive_int
 
 
 def inference_flops(model: BayesianNetwork, active: dict[str, int], example: torch.Tensor) -> dict[str, int]:
@@ -54,19 +54,29 @@ def evaluate(
     posterior.check_model(model)
     x, y = as_tensors(getattr(data, "test", data))
     model.check_batch(x, y)
-    outputs = posterior.predict(x, num_samples=num_samples, batch_size=batch_size)
-    return summarize(model, posterior, outputs, x, y)
+    predictions = posterior.predictive(x, num_samples=num_samples, batch_size=batch_size)
+    return summarize(model, posterior, predictions, x, y)
 
 
 def summarize(
-    model: BayesianNetwork, posterior: Posterior, outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    model: BayesianNetwork, posterior: Posterior, predictions: Predictions | torch.Tensor, x: torch.Tensor,
+    y: torch.Tensor,
 ) -> dict[str, Any]:
-    """``evaluate``'s dict from network outputs already drawn: outputs (S, N, ...) for x (N, ...), y (N,)."""
+    """``evaluate``'s dict from draws already evaluated on x (N, ...), y (N,).
+
+    ``predictions``: ``posterior.predictive(x, num_samples=S)``; regression metrics use each draw's own
+    noise scale. A bare (S, N, ...) tensor of ``posterior.predict(x, num_samples=S)`` is also taken: the
+    noise scales of those same S draws are then looked up again (stored draws are picked
+    deterministically; a guide's draws share the model's scale).
+    """
+    if isinstance(predictions, torch.Tensor):
+        predictions = Predictions(predictions, posterior.noise_scales(len(predictions)), None)
+    outputs = predictions.outputs
     if model.likelihood.task == "classification":
         results = metrics.classification_metrics(outputs.softmax(-1), y)
     else:
         means = outputs.reshape(outputs.shape[0], outputs.shape[1])
-        results = metrics.regression_metrics(means, float(model.likelihood.scale.detach()), y)
+        results = metrics.regression_metrics(means, predictions.noise_scales, y)
     active = posterior.active_counts()
     total, num_active = model.num_weights, sum(active.values())
     results.update(

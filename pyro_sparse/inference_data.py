@@ -6,9 +6,12 @@ Groups (dims ``chain``, ``draw``):
   "slab_scale" σ₁, "spike_scale" σ₀; constant ones are left out) and "weight" (dim ``weight_name``):
   the ``max_weights`` weights of largest |posterior mean| among those non-zero in every draw, named
   like ``"1.weight[3, 5]"``;
-- ``sample_stats``: the sampler's per-draw "lp" (log joint), "sparsity", "step_size"; for a guide,
-  "sparsity" and, given data, "lp" (log-likelihood of the data plus log prior of the draw);
-- ``log_likelihood``: "y" (dim ``example``), log p(y_i | x_i, w) per draw on the given data;
+- ``sample_stats``: the sampler's per-draw "lp" (log joint of the training data, as the sampler
+  recorded it), "sparsity", "step_size"; for a guide, "sparsity" and, given ``train_data``, "lp": the
+  log joint of the draw on the training data, log p(y_train | x_train, w) + log p(w) summed over the
+  active (non-zero) weights (pruned weights are not part of the model); no "lp" without ``train_data``;
+- ``log_likelihood``: "y" (dim ``example``), log p(y_i | x_i, w) per draw on ``data`` (each draw with its
+  own deterministic parameters, e.g. a sampled likelihood scale: ``posterior.evaluate_draw``);
 - ``observed_data``: "y".
 """
 
@@ -72,26 +75,32 @@ def _chosen_weights(posterior: Posterior, draws: dict[str, torch.Tensor], max_we
     return names, values
 
 
-@torch.no_grad()
-def _pointwise_log_likelihood(posterior: Posterior, draws: dict[str, torch.Tensor], x: torch.Tensor,
-                              y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(S, N): log p(y_i | x_i, w_s)."""
-    model = posterior.model
-    device = next(iter(model.net.buffers())).device
-    was_training = model.training
-    model.eval()
-    try:
-        rows = []
-        for s in range(len(next(iter(draws.values())))):
-            weights = {name: value[s].to(device) for name, value in draws.items()}
-            chunks = []
-            for i in range(0, len(x), batch_size):
-                output = posterior._outputs(weights, x[i: i + batch_size].to(device))
-                chunks.append(model.likelihood.log_prob(output, y[i: i + batch_size].to(device)).cpu())
-            rows.append(torch.cat(chunks))
-    finally:
-        model.train(was_training)
-    return torch.stack(rows)
+def _draw_list(draws: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """name -> (S, ...) as a list of S draws name -> (...)."""
+    total = len(next(iter(draws.values())))
+    return [{name: value[s] for name, value in draws.items()} for s in range(total)]
+
+
+def _pointwise_log_likelihood(posterior: Posterior, draws: dict[str, torch.Tensor], data, batch_size: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, N) log p(y_i | x_i, draw s) on ``data`` (x, y) and its targets y (N,)."""
+    from .posterior import predict_draws
+
+    x, y = as_tensors(data)
+    posterior.model.check_batch(x, y)
+    return predict_draws(posterior.model, _draw_list(draws), x, y, batch_size).log_likelihood, y
+
+
+def _log_prior_of_active_weights(posterior: Posterior, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(S,): log p(w_s) summed over the weights that are not exactly zero (pruned ones are out of the model)."""
+    total = len(next(iter(draws.values())))
+    log_prior = torch.zeros(total, dtype=torch.float64)
+    with torch.no_grad():
+        for name in posterior.model.sites:
+            weights = draws[name].float()
+            terms = posterior.model.prior.log_prob(weights).masked_fill(weights == 0, 0.0)
+            log_prior += terms.reshape(total, -1).sum(1).double().cpu()
+    return log_prior
 
 
 def build(
@@ -101,6 +110,7 @@ def build(
     max_weights: int = 16,
     num_draws: int = 100,
     batch_size: int = 1024,
+    train_data=None,
 ):
     """The InferenceData of ``posterior`` (see the module docstring and ``Posterior.to_arviz``)."""
     az = import_arviz()
@@ -139,15 +149,12 @@ def build(
 
     groups: dict[str, Any] = {}
     if data is not None:
-        x, y = as_tensors(getattr(data, "test", data))
-        posterior.model.check_batch(x, y)
-        pointwise = _pointwise_log_likelihood(posterior, draws, x, y, batch_size)
+        pointwise, y = _pointwise_log_likelihood(posterior, draws, getattr(data, "test", data), batch_size)
         groups["log_likelihood"] = {"y": shaped(pointwise)}
         groups["observed_data"] = {"y": y.cpu().numpy()}
-        if "lp" not in stats:
-            log_prior = sum(posterior.model.prior.log_prob(draws[name].float()).reshape(total, -1).sum(1)
-                            for name in posterior.model.sites)
-            stats["lp"] = shaped(pointwise.sum(1) + log_prior)
+    if "lp" not in stats and train_data is not None:
+        on_train, _ = _pointwise_log_likelihood(posterior, draws, getattr(train_data, "train", train_data), batch_size)
+        stats["lp"] = shaped(on_train.double().sum(1) + _log_prior_of_active_weights(posterior, draws))
     return az.from_dict(
         posterior=variables,
         sample_stats=stats,

@@ -119,6 +119,16 @@ def substituted_weights(
             store[attribute] = original
 
 
+def substituted_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Within the block, the parameters (or buffers) of ``model`` at the paths of ``values``
+    (``"net.0.bias"``, ``"likelihood.log_scale"``) hold those tensors."""
+    slots = {}
+    for path in values:
+        module_path, _, attribute = path.rpartition(".")
+        slots[path] = (model.get_submodule(module_path), attribute)
+    return substituted_weights(slots, values)
+
+
 @contextlib.contextmanager
 def local_reparameterization(
     layers: Mapping[str, tuple[nn.Module, str]], moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]]

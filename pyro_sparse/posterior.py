@@ -4,12 +4,14 @@ posterior predictive computed from them; ``to_arviz`` hands the draws to ArviZ."
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .guides.meanfield import MeanField
+from .layers import substituted_parameters
 from .model import BayesianNetwork
 
 WeightDraw = dict[str, torch.Tensor]
@@ -163,35 +165,39 @@ class Posterior:
         """Site name -> number of weights that are not exactly zero."""
         return self._active_counts()
 
-    def _outputs(self, weights: WeightDraw, x: torch.Tensor) -> torch.Tensor:
-        from .infer.sghmc import substituted_parameters  # deterministic parameters stored per draw
-
-        sites = {name: value for name, value in weights.items() if name in self.model.sites}
-        others = {name: value for name, value in weights.items() if name not in self.model.sites}
-        with substituted_parameters(self.model, others):
-            return self.model.apply(x, sites)
-
     @torch.no_grad()
+    def predictive(self, x: torch.Tensor, y: torch.Tensor | None = None, num_samples: int = 32,
+                   batch_size: int = 1024) -> Predictions:
+        """Every draw evaluated on x (N, ...) (and y (N,)) by ``evaluate_draw``: outputs (S, N, *output
+        shape), the regression noise scale of each draw (S,), and, given y, log p(y_i | x_i, draw) (S, N)."""
+        num_samples = check_positive_int("num_samples", num_samples)
+        batch_size = check_positive_int("batch_size", batch_size)
+        self.model.check_batch(x, y)
+        return predict_draws(self.model, self.draws(num_samples), x, y, batch_size)
+
     def predict(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
         """Network outputs under each draw: x (N, ...) -> (S, N, *output shape).
 
-        Every draw is one whole network, shared by all N examples.
+        Every draw is one whole network, shared by all N examples. ``predictive`` also gives each
+        draw's noise scale and log-likelihood.
         """
-        num_samples = check_positive_int("num_samples", num_samples)
-        batch_size = check_positive_int("batch_size", batch_size)
-        self.model.check_batch(x)
-        device = next(iter(self.model.net.buffers())).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            outputs = []
-            for weights in self.draws(num_samples):
-                chunks = [self._outputs(weights, x[i : i + batch_size].to(device)).cpu()
-                          for i in range(0, len(x), batch_size)]
-                outputs.append(torch.cat(chunks))
-        finally:
-            self.model.train(was_training)
-        return torch.stack(outputs)
+        return self.predictive(x, num_samples=num_samples, batch_size=batch_size).outputs
+
+    @torch.no_grad()
+    def noise_scales(self, num_samples: int = 32) -> torch.Tensor | None:
+        """(S,): the observation-noise scale of each of the draws ``draws(num_samples)`` (the same draws
+        ``predict`` uses); None for a likelihood without one (classification)."""
+        scale = current_noise_scale(self.model)
+        if scale is None:
+            return None
+        if self.guide is not None:  # a guide draws weights only: every draw has the model's scale
+            return scale.cpu().expand(check_positive_int("num_samples", num_samples)).clone()
+        scales = []
+        for draw in self.draws(num_samples):
+            own = {name: value for name, value in draw.items() if name.startswith("likelihood.")}
+            with substituted_parameters(self.model, own):
+                scales.append(current_noise_scale(self.model).cpu())
+        return torch.stack(scales)
 
     def predict_proba(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
         """Posterior predictive class probabilities averaged over draws: (N, C)."""
@@ -215,12 +221,18 @@ class Posterior:
         max_weights: int = 16,
         num_draws: int = 100,
         batch_size: int = 1024,
+        train_data=None,
     ):
         """An ArviZ ``InferenceData`` of the draws (dims chain, draw): see ``inference_data.build``.
 
         Args:
             data: (x, y) (or a TensorDataset / Dataset's test split): adds ``log_likelihood`` (pointwise
-                log p(y_i | x_i, w) per draw) and ``observed_data``; None leaves them out.
+                log p(y_i | x_i, w) per draw, each draw with its own deterministic parameters) and
+                ``observed_data``; None leaves them out.
+            train_data: the training data (x, y) (or a TensorDataset / Dataset's train split): for a guide,
+                the sample statistic "lp" is the log joint of the draw on these data (log-likelihood of the
+                training data plus the log prior of the active weights); without them a guide's
+                InferenceData has no "lp". A sampler's "lp" is its own record of the training log joint.
             var_names: the posterior variables to keep ("inclusion", "slab_scale", "spike_scale",
                 "weight"); None keeps all.
             max_weights: how many weights to show: the largest |posterior mean| among the active ones.
@@ -229,7 +241,87 @@ class Posterior:
         from .inference_data import build
 
         return build(self, data=data, var_names=var_names, max_weights=max_weights, num_draws=num_draws,
-                     batch_size=batch_size)
+                     batch_size=batch_size, train_data=train_data)
+
+
+@dataclass
+class DrawEvaluation:
+    """One posterior draw on N examples.
+
+    outputs: (N, *output shape), the network's outputs;
+    noise_scale: 0-dim, the draw's observation-noise scale (regression likelihoods; None otherwise);
+    log_likelihood: (N,), log p(y_i | x_i, draw) (None when no targets were given).
+    """
+
+    outputs: torch.Tensor
+    noise_scale: torch.Tensor | None
+    log_likelihood: torch.Tensor | None
+
+
+@dataclass
+class Predictions:
+    """S posterior draws on N examples: ``DrawEvaluation`` s stacked along a leading draw axis.
+
+    outputs: (S, N, *output shape); noise_scales: (S,) or None; log_likelihood: (S, N) or None.
+    """
+
+    outputs: torch.Tensor
+    noise_scales: torch.Tensor | None
+    log_likelihood: torch.Tensor | None
+
+
+def current_noise_scale(model: BayesianNetwork) -> torch.Tensor | None:
+    """The likelihood's observation-noise scale as it stands now (0-dim, detached copy); None unless the
+    model is a regression model whose likelihood has a ``scale``."""
+    scale = getattr(model.likelihood, "scale", None)
+    if model.likelihood.task != "regression" or scale is None:
+        return None
+    return scale.detach().clone()
+
+
+def evaluate_draw(model: BayesianNetwork, draw: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor | None = None) -> DrawEvaluation:
+    """The one place a posterior draw meets data: run ``model`` with the draw's values.
+
+    ``draw`` maps the Bayesian sites to weights and may also hold any deterministic parameter of the
+    model by its path ("net.0.bias", "likelihood.log_scale"): samplers draw those too, and then the
+    network *and the likelihood* of this draw use them. Parameters not in ``draw`` keep the model's
+    values. x (N, ...), y (N,) -> see ``DrawEvaluation``. Gradients flow (wrap in ``torch.no_grad``
+    to evaluate).
+    """
+    sites = {name: value for name, value in draw.items() if name in model.sites}
+    deterministic = {name: value for name, value in draw.items() if name not in model.sites}
+    with substituted_parameters(model, deterministic):
+        outputs = model.apply(x, sites)
+        noise_scale = current_noise_scale(model)
+        log_likelihood = None if y is None else model.likelihood.log_prob(outputs, y)
+    return DrawEvaluation(outputs, noise_scale, log_likelihood)
+
+
+@torch.no_grad()
+def predict_draws(model: BayesianNetwork, draws: Iterable[Mapping[str, torch.Tensor]], x: torch.Tensor,
+                  y: torch.Tensor | None = None, batch_size: int = 1024) -> Predictions:
+    """``evaluate_draw`` of every draw on x (N, ...) (and y (N,)) in batches of ``batch_size``, in eval
+    mode, on the model's device; the results on the CPU, stacked (see ``Predictions``)."""
+    device = next(iter(model.net.buffers())).device
+    was_training = model.training
+    model.eval()
+    outputs, scales, log_likelihoods = [], [], []
+    try:
+        for draw in draws:
+            draw = {name: value.to(device) for name, value in draw.items()}
+            chunks = [evaluate_draw(model, draw, x[i: i + batch_size].to(device),
+                                    None if y is None else y[i: i + batch_size].to(device))
+                      for i in range(0, len(x), batch_size)]
+            outputs.append(torch.cat([chunk.outputs.cpu() for chunk in chunks]))
+            if chunks[0].noise_scale is not None:
+                scales.append(chunks[0].noise_scale.cpu())
+            if y is not None:
+                log_likelihoods.append(torch.cat([chunk.log_likelihood.cpu() for chunk in chunks]))
+    finally:
+        model.train(was_training)
+    return Predictions(torch.stack(outputs), torch.stack(scales) if scales else None,
+                       torch.stack(log_likelihoods) if log_likelihoods else None)
 
 
 def _check_samples(model: BayesianNetwork, samples: Mapping[str, torch.Tensor]) -> int:

@@ -74,10 +74,10 @@ def test_inference_data_from_a_guide(digits):
     guide = ps.MeanField(model)
     ps.fit(model, guide, data.train, epochs=15, lr=1e-2, seed=0)
     posterior = ps.Posterior.from_guide(model, guide)
-    idata = posterior.to_arviz(data=data.test, num_draws=40, max_weights=5)
+    idata = posterior.to_arviz(data=data.test, train_data=data.train, num_draws=40, max_weights=5)
     assert idata.posterior.sizes["chain"] == 1 and idata.posterior.sizes["draw"] == 40
     assert set(idata.posterior.data_vars) == {"weight"}
-    assert set(idata.sample_stats.data_vars) == {"sparsity", "lp"}
+    assert set(idata.sample_stats.data_vars) == {"sparsity", "lp"}  # lp: the log joint of data.train
     assert np.isfinite(az.loo(idata).elpd_loo)
     assert len(az.summary(idata, kind="stats")) == 5
     results = posterior.evaluate(data.test, num_samples=8)

@@ -163,8 +163,9 @@ def test_sparse_export_of_an_unpruned_guide_is_an_error(digits):
     with pytest.raises(ValueError, match="needs a pruned posterior"):
         export(model, guide, layout="sparse")
     assert isinstance(export(model, guide, layout="auto")[1], nn.Linear)  # auto: nothing to sparsify
-    with pytest.raises(ValueError, match="stored samples"):
-        export(model, ps.Posterior.from_guide(model, guide))
+    x = digits.test.tensors[0][:5]
+    from_posterior = export(model, ps.Posterior.from_guide(model, guide), layout="dense")  # exports its guide
+    assert torch.equal(from_posterior(x), export(model, guide, layout="dense")(x))
 
 
 def test_export_of_an_em_sghmc_posterior_matches_its_predictions(digits):

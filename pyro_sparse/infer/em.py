@@ -591,11 +591,11 @@ def _prune(sampler: SGHMC, run: _Chain, sparsity: float) -> None:
 
 
 def _log_prior(model: BayesianNetwork, run: _Chain, shared: _SharedEM | None) -> float:
-    """log p(θ) of the chain's site weights: the model's prior, or the shared spike-and-slab (EM)."""
+    """log p(θ) of the chain's active site weights: the model's prior, or the shared spike-and-slab (EM).
+    Pruned weights are removed from the model, not held at 0, so they add nothing (as for a guide)."""
     with torch.no_grad():
-        if shared is None:
-            return float(model.prior.log_prob(run.weights).sum())
-        return float(shared.mixture().log_prob(run.weights).sum())
+        log_prob = (model.prior if shared is None else shared.mixture()).log_prob(run.weights)
+        return float(log_prob[run.state.mask[: run.num_sites]].sum())
 
 
 def _record(sampler: SGHMC, run: _Chain, model: BayesianNetwork, shared: _SharedEM | None, k: int,

@@ -35,7 +35,6 @@ momentum are zero and stay exactly zero.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -44,10 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..layers import substituted_weights
+from ..layers import substituted_parameters
 from ..model import BayesianNetwork
+from ..posterior import evaluate_draw
 from ..priors import Gaussian
 
 Schedule = Callable[[int], float]
@@ -199,15 +198,6 @@ class SGHMCState:
 # ----------------------------------------------------------------------------------------------
 # Running a BayesianNetwork with given parameter values
 # ----------------------------------------------------------------------------------------------
-def substituted_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager:
-    """Within the block, the (deterministic) ``nn.Parameter`` s at paths ``values`` hold those tensors."""
-    slots = {}
-    for path in values:
-        module_path, _, attribute = path.rpartition(".")
-        slots[path] = (model.get_submodule(module_path), attribute)
-    return substituted_weights(slots, values)
-
-
 def network_parameters(model: BayesianNetwork) -> dict[str, torch.Tensor]:
     """Every sampled quantity of ``model``: its Bayesian sites (initial values), then its
     deterministic parameters by model path (``"net.0.bias"``, ``"likelihood.log_scale"``)."""
@@ -218,11 +208,9 @@ def network_parameters(model: BayesianNetwork) -> dict[str, torch.Tensor]:
 
 def log_likelihood(model: BayesianNetwork, params: Mapping[str, torch.Tensor], x: torch.Tensor,
                    y: torch.Tensor) -> torch.Tensor:
-    """log p(y_i | x_i, θ) per example (B,), θ = site weights and deterministic parameters in ``params``."""
-    sites = {name: value for name, value in params.items() if name in model.sites}
-    others = {name: value for name, value in params.items() if name not in model.sites}
-    with substituted_parameters(model, others):
-        return model.likelihood.log_prob(model.apply(x, sites), y)
+    """log p(y_i | x_i, θ) per example (B,), θ = site weights and deterministic parameters in ``params``
+    (``posterior.evaluate_draw``, the one place a draw meets data)."""
+    return evaluate_draw(model, params, x, y).log_likelihood
 
 
 # ----------------------------------------------------------------------------------------------
