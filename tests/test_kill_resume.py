@@ -114,9 +114,13 @@ def _no_debris(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted runs, side by side (one thread each: the same arithmetic as the killed runs)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    for method, args in METHODS.items():
-        _run_to_end(args, root / method, resume=False)
+    runs = {method: subprocess.Popen(_command(args, root / method, resume=False), env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True) for method, args in METHODS.items()}
+    for method, process in runs.items():
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{method}: {err}"
     return {method: root / method for method in METHODS}
 
 
