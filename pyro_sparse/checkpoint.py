@@ -254,8 +254,8 @@ def _check_payload(path: Path, header: dict[str, Any], payload: bytes) -> None:
 
 def _unpickling_reason(error: BaseException) -> str:
     """One sentence of why ``torch.load(weights_only=True)`` refused a payload: what it met ("Unsupported
-    global: GLOBAL posix.system ..."), without torch's advice to retry with ``weights_only=False`` or to
-    allowlist the global, which is exactly what must not be done with such a file."""
+    global: GLOBAL posix.system ..."), without torch's advice to retry with the weights-only restriction
+    off or to allowlist the global, which is exactly what must not be done with such a file."""
     text = str(error)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
