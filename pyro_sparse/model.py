@@ -28,7 +28,6 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .distributions import MaskedNormal
 from .layers import (
     LocalReparameterization,
     enable_local_reparameterization,
@@ -52,15 +51,6 @@ _INEXACT_LRT = {
            "weight draw, but LRT would sample them independently); convolutions sample weights: use "
            "local_reparameterization=\"auto\"",
 }
-
-
-@torch.distributions.register_kl(MaskedNormal, dist.MaskedDistribution)
-def _kl_masked_normal_to_masked_prior(q: MaskedNormal, p: dist.MaskedDistribution) -> torch.Tensor:
-    """KL(q ‖ p) elementwise for a guide's masked Normal and a model's masked prior (``site_prior``): the
-    registered KL to p's unmasked prior, zero at p's masked coordinates (where q is the same exact zero).
-    Registered so that ``TraceMeanField_ELBO`` uses the closed form on pruned sites as on dense ones."""
-    kl = torch.distributions.kl_divergence(q, p.base_dist)
-    return torch.where(torch.as_tensor(p._mask, device=kl.device), kl, torch.zeros_like(kl))
 
 
 class MaskSource(Protocol):
