@@ -282,8 +282,11 @@ def _find_checkpoint(out: Path) -> Path | None:
     return next((out / name for name in CHECKPOINT_FILES if (out / name).is_file()), None)
 
 
-def _prepare_resume(config: dict[str, Any], given: set[str], out: Path) -> tuple[dict[str, Any], Path] | None:
-    """For --resume: the run's checkpoint (loaded) and its path; the options this command does not give
+Resumed = tuple[dict[str, Any], Path, dict[str, Any]]  # the checkpoint, its path, its run options
+
+
+def _prepare_resume(config: dict[str, Any], given: set[str], out: Path) -> Resumed | None:
+    """For --resume: the run's checkpoint (loaded), its path and its run options; those this command does not give
     are taken from it. None when there is nothing to resume."""
     latest = _find_checkpoint(out) if out.is_dir() else None
     if latest is None:
@@ -293,11 +296,11 @@ def _prepare_resume(config: dict[str, Any], given: set[str], out: Path) -> tuple
     for option, value in stored.items():
         if option not in given and option not in NOT_FROM_CHECKPOINT:
             config[option] = value
-    return saved, latest
+    return saved, latest, stored
 
 
 def _check_earlier_run(method: ModuleType, config: dict[str, Any], out: Path,
-                       resumed: tuple[dict[str, Any], Path] | None) -> None:
+                       resumed: Resumed | None) -> None:
     """Refuse a busy folder, and an earlier run without --resume or --overwrite; on --resume compare
     the options with the checkpoint's and record the changes that apply from the next epoch."""
     holder = in_use(out) if out.is_dir() else None
@@ -315,8 +318,7 @@ def _check_earlier_run(method: ModuleType, config: dict[str, Any], out: Path,
             raise UsageError(f"--resume: {out} holds no checkpoint to continue from ({', '.join(earlier)}): "
                              f"pass --overwrite to start afresh")
         return
-    saved, latest = resumed
-    stored = stored_options(saved, latest)
+    saved, latest, stored = resumed
     if stored["method"] != config["method"]:
         raise UsageError(f"--resume: {out} holds a --method {stored['method']} run, this command gives "
                          f"--method {config['method']}: repeat it, or train a new run in another --out")
