@@ -216,6 +216,32 @@ class BayesianNetwork(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Deterministic computation
     # ----------------------------------------------------------------------------------------
+    def layer_labels(self) -> dict[str, str]:
+        """Site name -> a readable label for figures and tables, e.g. ``"0.weight"`` -> ``"conv1"``.
+
+        Weights of an unnamed layer (a ``Sequential`` index) are numbered by kind in network order:
+        convolutions ``conv1, conv2, ...``, linear layers ``fc1, fc2, ...``, others by their class
+        name; a named module keeps its path (``"layer1.0.conv1"``). Other attributes keep their
+        suffix (``"fc1.bias"``).
+        """
+        counts: dict[str, int] = {}
+        module_labels: dict[str, str] = {}
+        for name, site in self.sites.items():
+            path = site.module_path
+            if path not in module_labels:
+                if path and not all(part.isdigit() for part in path.split(".")):
+                    module_labels[path] = path
+                else:
+                    module = self._site_layers[name][0]
+                    kind = ("conv" if isinstance(module, nn.modules.conv._ConvNd)
+                            else "fc" if isinstance(module, nn.Linear) else type(module).__name__.lower())
+                    counts[kind] = counts.get(kind, 0) + 1
+                    module_labels[path] = f"{kind}{counts[kind]}"
+        return {
+            name: module_labels[site.module_path] + ("" if site.attribute == "weight" else f".{site.attribute}")
+            for name, site in self.sites.items()
+        }
+
     def initial_value(self, name: str) -> torch.Tensor:
         """The network's own initial value of Bayesian parameter ``name``."""
         return self.net.get_buffer(name)

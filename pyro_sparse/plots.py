@@ -64,9 +64,11 @@ def snr_histogram(
     path: str | os.PathLike | None = None,
     thresholds: float | Mapping[str, float] | None = None,
     title: str = "",
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Histogram of the signal-to-noise ratios |μ| / σ of each site (log-x), with the pruning threshold:
-    one black line for a single threshold, or one line per site in its colour."""
+    one black line for a single threshold, or one line per site in its colour. ``labels``: site name ->
+    legend label (e.g. ``model.layer_labels()``); default the site names."""
     values = {name: ratio.detach().flatten().cpu().clamp_min(1e-6) for name, ratio in snr.items()}
     low = min(float(v.min()) for v in values.values())
     high = max(float(v.max()) for v in values.values())
@@ -75,7 +77,8 @@ def snr_histogram(
     ax = fig.subplots()
     for index, (name, ratio) in enumerate(values.items()):
         color = f"C{index % 10}"
-        ax.hist(ratio.numpy(), bins=bins, histtype="step", color=color, label=f"{name} ({ratio.numel()})")
+        label = f"{(labels or {}).get(name, name)} ({ratio.numel()} weights)"
+        ax.hist(ratio.numpy(), bins=bins, histtype="step", color=color, label=label)
         if isinstance(thresholds, Mapping) and name in thresholds:
             ax.axvline(thresholds[name], color=color, linestyle="--")
     if isinstance(thresholds, int | float):

@@ -177,3 +177,15 @@ def test_a_whole_model_survives_torch_save_and_deepcopy(tmp_path):
         guide = ps.MeanField(restored)
         moments, _ = guide.moments_and_kl(restored.prior)
         assert restored.apply(x, moments={n: (q.loc, q.var) for n, q in moments.items()}).shape == (2, 10)
+
+
+def test_layer_labels_name_unnamed_layers_by_kind_and_keep_named_paths():
+    lenet = ps.BayesianNetwork(ps.nets.lenet5(), dataset_size=10)
+    assert lenet.layer_labels() == {
+        "0.weight": "conv1", "3.weight": "conv2", "7.weight": "fc1", "9.weight": "fc2", "11.weight": "fc3"
+    }
+    with_biases = ps.BayesianNetwork(ps.nets.mlp(4, (5,), 2), dataset_size=10, include=lambda name, module, p: True)
+    assert with_biases.layer_labels() == {"1.weight": "fc1", "1.bias": "fc1.bias", "3.weight": "fc2",
+                                          "3.bias": "fc2.bias"}
+    resnet_labels = ps.BayesianNetwork(ps.nets.resnet20(), dataset_size=10).layer_labels()
+    assert resnet_labels["stages.0.0.conv1.weight"] == "stages.0.0.conv1"

@@ -66,6 +66,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     snr = guide.snr()
     guide.prune(sparsity=sparsity, scope=SCOPE)
     plots.snr_histogram(snr, out / "snr_histogram.png", thresholds=guide.pruned_threshold,
+                        labels=model.layer_labels(),
                         title=f"{config['net']} {config['data']}: SNR before pruning {sparsity:.0%} of the weights")
     del snr
 
