@@ -2,16 +2,29 @@
 
 Each function returns a ``matplotlib.figure.Figure`` and writes it to ``path`` only when one is given.
 The figures are built without pyplot, so this module never touches matplotlib's backend or pyplot's
-global figure list: in Jupyter a returned figure is shown inline, in a script it is only saved.
+global figure list: in a script a returned figure is only saved; in Jupyter it shows inline as the
+value of a cell or through ``display(fig)``, also in a kernel where pyplot was never imported (its
+``_repr_png_`` renders it; IPython's own figure formatter, once pyplot has set it up, takes precedence).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
 from matplotlib.figure import Figure
+
+
+class NotebookFigure(Figure):
+    """A ``Figure`` that IPython can display without pyplot: ``_repr_png_`` renders it with Agg into
+    PNG bytes (``savefig`` needs no backend), so ``display(fig)`` never prints ``<Figure ...>``."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
 
 
 def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
@@ -24,7 +37,7 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
 def training_curve(history: Sequence[Mapping[str, float]], path: str | os.PathLike | None = None) -> Figure:
     """Loss (−ELBO per example), NLL per example and KL (nats) against epoch."""
     epochs = [record["epoch"] for record in history]
-    fig = Figure(figsize=(9, 3.5))
+    fig = NotebookFigure(figsize=(9, 3.5))
     left, right = fig.subplots(1, 2)
     left.plot(epochs, [r["loss"] for r in history], label="−ELBO / N")
     left.plot(epochs, [r["nll"] for r in history], label="NLL / N")
@@ -45,7 +58,7 @@ def reliability_diagram(bins: Mapping[str, torch.Tensor], path: str | os.PathLik
     centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     width = edges[1] - edges[0]
     filled = bins["count"] > 0
-    fig = Figure(figsize=(4, 4))
+    fig = NotebookFigure(figsize=(4, 4))
     ax = fig.subplots()
     ax.bar([c for c, f in zip(centers, filled, strict=True) if f], bins["accuracy"][filled].tolist(),
            width=width, edgecolor="black", alpha=0.7, label="accuracy")
@@ -73,7 +86,7 @@ def snr_histogram(
     low = min(float(v.min()) for v in values.values())
     high = max(float(v.max()) for v in values.values())
     bins = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high * 1.01)), 61).tolist()
-    fig = Figure(figsize=(7, 4))
+    fig = NotebookFigure(figsize=(7, 4))
     ax = fig.subplots()
     for index, (name, ratio) in enumerate(values.items()):
         color = f"C{index % 10}"

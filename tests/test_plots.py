@@ -40,3 +40,19 @@ def test_figures_are_returned_labelled_and_saved_only_with_a_path(tmp_path):
     path = tmp_path / "curve.png"
     plots.training_curve(history, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_figure_shows_in_a_notebook_kernel_where_pyplot_was_never_imported():
+    """IPython displays an object through its ``_repr_png_`` when no formatter for its type is registered
+    (pyplot registers one for Figure only once it is imported): the figure must render itself."""
+    code = (
+        "import sys, pyro_sparse.plots as plots\n"
+        "from IPython.core.formatters import PNGFormatter\n"
+        "fig = plots.training_curve([{'epoch': 1, 'loss': 2.0, 'nll': 1.0, 'kl': 3.0}, "
+        "{'epoch': 2, 'loss': 1.5, 'nll': 0.9, 'kl': 2.0}])\n"
+        "png = PNGFormatter()(fig)\n"
+        "assert png is not None and png[:8] == b'\\x89PNG\\r\\n\\x1a\\n', png\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
