@@ -15,22 +15,34 @@ Two storages of a site, with one interface (``mask``, ``scale()``, ``is_dense()`
 - ``MeanFieldSite`` (dense): μ, ρ of the weight's shape and a bool mask buffer;
 - ``CompactSite``: μ, ρ of shape (k,) over the k active coordinates only and their flat positions,
   so parameters, optimizer state and checkpoints scale with k (sparse-subspace VI).
+
+The model is a ``BayesianNetwork`` (its Bayesian parameters are the sites, known at once) or any other
+Pyro model: a function with ``pyro.sample`` statements or a ``PyroModule`` with ``PyroSample`` priors.
+Such a model is traced on the guide's first call (or ``guide.setup(*args)``), as Pyro's ``AutoGuide``
+does (``pyro_model.trace_sites``): its latent sites with real support are the weights (``sites``:
+masks, pruning, SNR); constrained ones (a positive scale, ...) get a Normal in the unconstrained space
+(``constrained_sites``) and are never pruned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.nn import PyroModule
 from torch import nn
 
 from ..distributions import MaskedNormal
 from ..model import BayesianNetwork, Site
 from ..priors import Prior
+from ..pyro_model import InitLocFn, TracedSite, masked_model, trace_sites
 from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
@@ -233,47 +245,131 @@ def check_model(model) -> None:
         raise ValueError(f"model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}")
 
 
+def check_guide_model(model) -> None:
+    """A guide's model: a ``BayesianNetwork`` or a Pyro model (a callable, a ``PyroModule``); a plain
+    ``nn.Module`` has no sample sites and is refused with the way to wrap it."""
+    if isinstance(model, BayesianNetwork) or (callable(model) and not isinstance(model, nn.Module)) or \
+            isinstance(model, PyroModule):
+        return
+    what = f"the plain nn.Module {type(model).__name__}" if isinstance(model, nn.Module) else type(model).__name__
+    raise ValueError(
+        f"model must be a pyro_sparse.BayesianNetwork or a Pyro model (a function with pyro.sample statements, a "
+        f"PyroModule with PyroSample priors), got {what}: wrap a network as ps.BayesianNetwork(net, dataset_size=N)"
+    )
+
+
 class MeanField(nn.Module):
-    """Masked mean-field Gaussian guide for a ``BayesianNetwork``; an ordinary Pyro guide.
+    """Masked mean-field Gaussian guide of a Pyro model; an ordinary Pyro guide.
 
     Args:
-        model: the BayesianNetwork whose Bayesian parameters this guide covers.
-        init_scale: the initial σ of every weight. μ starts at the network's own initialisation.
-            Default ``DEFAULT_INIT_SCALE`` (1e-3). σ then grows by about the learning rate per
-            step in ρ: follow it in ``fit``'s history ("mean_sigma" columns).
+        model: a ``BayesianNetwork`` (its Bayesian parameters are the sites), or any Pyro model: a
+            function with ``pyro.sample`` statements or a ``PyroModule`` with ``PyroSample`` priors,
+            traced on the guide's first call (``setup``) to find its latent sites.
+        init_scale: the initial σ of every weight. μ starts at the network's own initialisation
+            (a traced model: at ``init_loc_fn``'s value). Default ``DEFAULT_INIT_SCALE`` (1e-3).
+            σ then grows by about the learning rate per step in ρ: follow it in ``fit``'s history
+            ("mean_sigma" columns).
         name: prefix of this guide's parameters in Pyro's param store (default: unique).
         compact: site name -> bool support mask (the weight's shape): these sites are stored as
             ``CompactSite`` (μ, ρ of the active weights only); all others as dense ``MeanFieldSite``.
+            Or a function of the weight sites (name -> ``Site`` / ``TracedSite``) returning that
+            mapping, called when the sites are known (at once, or when a traced model is set up).
+        init_loc_fn: for a traced model, Pyro's initialisation strategy of the means (default
+            ``pyro.infer.autoguide.init_to_median``).
 
-    ``guide(x, y)`` samples every site from q (for ``pyro.infer.SVI`` and ``Predictive``);
-    ``pyro_sparse.fit`` uses the fused objective with local reparameterization instead.
+    ``guide(*args)`` samples every site from q (for ``pyro.infer.SVI`` and ``Predictive``);
+    ``pyro_sparse.fit`` uses the fused objective with local reparameterization for a
+    ``BayesianNetwork`` and Pyro's mean-field ELBO for other models.
     """
 
     def __init__(
         self,
-        model: BayesianNetwork,
+        model: BayesianNetwork | Callable,
         init_scale: float | None = None,
         name: str | None = None,
-        compact: Mapping[str, torch.Tensor] | None = None,
+        compact: Mapping[str, torch.Tensor] | Callable[[Mapping[str, Site | TracedSite]], Mapping[str, torch.Tensor]]
+        | None = None,
+        init_loc_fn: InitLocFn | None = None,
     ):
         super().__init__()
-        check_model(model)
+        check_guide_model(model)
         init_scale = DEFAULT_INIT_SCALE if init_scale is None else init_scale
         if not math.isfinite(init_scale) or init_scale <= 0:
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-        compact = dict(compact or {})
-        unknown = set(compact) - set(model.sites)
-        if unknown:
-            raise ValueError(f"compact names unknown sites {sorted(unknown)}; sites are {list(model.sites)}")
         self.init_scale = float(init_scale)
-        self.site_info: dict[str, Site] = dict(model.sites)
         self.pyro_name = name if name is not None else f"{type(self).__name__}{next(_instance_counter)}"
-        self.sites = nn.ModuleDict({
-            _key(name): CompactSite(model.initial_value(name), compact[name], init_scale) if name in compact
-            else MeanFieldSite(model.initial_value(name), init_scale)
-            for name in self.site_info
-        })
-        model.use_masks(self)
+        self.site_info: dict[str, Site | TracedSite] = {}
+        self.constrained_info: dict[str, TracedSite] = {}
+        self.sites = nn.ModuleDict()
+        self.constrained_sites = nn.ModuleDict()
+        self._compact = compact if callable(compact) else dict(compact or {})
+        self._init_loc_fn = init_loc_fn
+        self._traced_model: list[Callable] = []  # a list: the model is not a submodule of the guide
+        if isinstance(model, BayesianNetwork):
+            self._build(dict(model.sites), {site: model.initial_value(site) for site in model.sites})
+            model.use_masks(self)
+        else:
+            self._traced_model.append(model)
+
+    # ----------------------------------------------------------------------------------------
+    # Sites: built at once for a BayesianNetwork, on the first call for a traced Pyro model
+    # ----------------------------------------------------------------------------------------
+    @property
+    def is_set_up(self) -> bool:
+        """False for a guide of a traced model that has not seen the model's arguments yet."""
+        return bool(self.site_info)
+
+    @property
+    def traced_model(self) -> Callable | None:
+        """The Pyro model this guide traces (None for a ``BayesianNetwork``'s guide)."""
+        return self._traced_model[0] if self._traced_model else None
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Trace the model on example arguments (e.g. a batch ``x, y``) and create the variational
+        parameters; the first call of the guide does it. Nothing happens when already set up."""
+        if self.is_set_up or not self._traced_model:
+            return
+        sites, initial = trace_sites(self._traced_model[0], args, kwargs, self._init_loc_fn)
+        self._build(sites, initial)
+
+    def _build(self, site_info: Mapping[str, Site | TracedSite], initial: Mapping[str, torch.Tensor]) -> None:
+        """Create the storage of every site: weights (real support) in ``sites``, the rest in
+        ``constrained_sites``; ``initial``: site name -> initial μ (unconstrained space)."""
+        weights = [name for name, info in site_info.items() if getattr(info, "is_real", True)]
+        if callable(self._compact):
+            self._compact = dict(self._compact({name: site_info[name] for name in weights}))
+        unknown = set(self._compact) - set(weights)
+        if unknown:
+            raise ValueError(f"compact names unknown sites {sorted(unknown)}; sites are {weights}")
+        self.site_info = {name: site_info[name] for name in weights}
+        self.constrained_info = {name: info for name, info in site_info.items() if name not in self.site_info}
+        for name in weights:
+            self.sites[_key(name)] = (
+                CompactSite(initial[name], self._compact[name], self.init_scale) if name in self._compact
+                else MeanFieldSite(initial[name], self.init_scale)
+            )
+        for name in self.constrained_info:
+            self.constrained_sites[_key(name)] = MeanFieldSite(initial[name], self.init_scale)
+
+    def _require_setup(self) -> None:
+        if not self.is_set_up:
+            raise RuntimeError(
+                f"{type(self).__name__} of a Pyro model finds its sites by running the model: call "
+                f"guide.setup(*model_args) (or the guide itself, or ps.fit) first"
+            )
+
+    def masked_model(self, model: Callable | None = None) -> Callable:
+        """The traced model with this guide's pruned coordinates left out of its log density, for
+        ``pyro.infer.SVI(guide.masked_model(), guide, ...)`` after pruning (``fit`` uses it itself).
+        A ``BayesianNetwork`` masks itself (it reads the guide's masks): it is returned as it is."""
+        model = model if model is not None else self.traced_model
+        if isinstance(model, BayesianNetwork):
+            return model
+        return masked_model(model, self.masks)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """Every ρ (weights and constrained sites): ``fit``'s scale learning-rate group."""
+        return [site.rho for site in (*self.sites.values(), *self.constrained_sites.values())]
 
     def check_model(self, model: BayesianNetwork) -> None:
         """Raise ValueError unless ``model`` has exactly this guide's Bayesian sites (names and shapes).
@@ -281,6 +377,11 @@ class MeanField(nn.Module):
         The guide keeps its sites, not the model it was built from: a model of the same architecture
         (rebuilt, e.g. to load a checkpoint into) is accepted; one with other sites is refused.
         """
+        if self._traced_model:
+            if model is not self._traced_model[0]:
+                raise ValueError(f"this guide was built for another Pyro model: build the guide from the model you "
+                                 f"train/evaluate, e.g. ps.guides.{type(self).__name__}(model)")
+            return
         check_model(model)  # the module-level function: a BayesianNetwork at all
         mine = {name: tuple(site.shape) for name, site in self.site_info.items()}
         theirs = {name: tuple(site.shape) for name, site in model.sites.items()}
@@ -304,12 +405,15 @@ class MeanField(nn.Module):
     # ----------------------------------------------------------------------------------------
     def site(self, name: str) -> GuideSite:
         """Variational parameters of the site named ``name`` (a parameter path, e.g. "0.weight")."""
+        self._require_setup()
         try:
             return self.sites[_key(name)]
         except KeyError:
             raise KeyError(f"no Bayesian site {name!r}; sites are {list(self.site_info)}") from None
 
     def named_sites(self) -> Iterator[tuple[str, GuideSite]]:
+        """(name, storage) of every weight site, in the model's order."""
+        self._require_setup()
         for name in self.site_info:
             yield name, self.sites[_key(name)]
 
@@ -384,15 +488,54 @@ class MeanField(nn.Module):
         return self.moments_and_kl(prior)[1]
 
     def distribution(self, name: str) -> pyro.distributions.TorchDistribution:
-        """q of site ``name`` as a Pyro distribution with the weight's shape as event shape."""
+        """q of weight site ``name`` as a Pyro distribution: the weight's shape is the event shape (a
+        traced site inside plates: the plate dimensions are batch dimensions, as in the model)."""
         site = self.site(name)
         loc, scale, _ = site.variational()
-        return MaskedNormal(loc, scale, site.mask).to_event(loc.dim())
+        event_dim = getattr(self.site_info[name], "event_dim", loc.dim())
+        return MaskedNormal(loc, scale, site.mask).to_event(event_dim)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Pyro guide: one sample site per Bayesian parameter (arguments are ignored)."""
+        """Pyro guide: one sample site per latent site of the model (a ``BayesianNetwork``'s guide
+        ignores the arguments; a traced model's guide sets itself up on them the first time)."""
+        self.setup(*args, **kwargs)
         pyro.module(self.pyro_name, self)
-        return {name: pyro.sample(name, self.distribution(name)) for name in self.site_info}
+        if not self._traced_model:
+            return {name: pyro.sample(name, self.distribution(name)) for name in self.site_info}
+        values = {}
+        for name, info in {**self.site_info, **self.constrained_info}.items():
+            with contextlib.ExitStack() as plates:
+                for plate in info.plates:
+                    plates.enter_context(pyro.plate(plate.name, plate.size, dim=plate.dim))
+                if name in self.site_info:
+                    values[name] = pyro.sample(name, self.distribution(name))
+                else:
+                    values[name] = self._sample_constrained(name, info)
+        return values
+
+    def _sample_constrained(self, name: str, info: TracedSite) -> torch.Tensor:
+        """A constrained site, as ``AutoNormal`` samples it: u ~ N(μ, σ²) in the unconstrained space (an
+        auxiliary site), the value T(u) with T = biject_to(support), and log q(T(u)) through a Delta
+        that carries the log-Jacobian of T⁻¹."""
+        site = self.constrained_sites[_key(name)]
+        unconstrained = pyro.sample(
+            f"{name}_unconstrained",
+            dist.Normal(site.loc, site.scale()).to_event(info.unconstrained_event_dim),
+            infer={"is_auxiliary": True},
+        )
+        transform = info.transform()
+        value = transform(unconstrained)
+        log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+        log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + info.event_dim)
+        return pyro.sample(name, dist.Delta(value, log_density=log_density, event_dim=info.event_dim))
+
+    @torch.no_grad()
+    def median(self) -> dict[str, torch.Tensor]:
+        """Every latent site at q's median: μ for weights (zero where pruned), T(μ) for constrained sites."""
+        values = dict(self.mean_weights())
+        for name, info in self.constrained_info.items():
+            values[name] = info.transform()(self.constrained_sites[_key(name)].loc)
+        return values
 
     # ----------------------------------------------------------------------------------------
     # Training hooks (``pyro_sparse.fit`` calls them; subclasses change the masks here)

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..data import Dataset
 from ..model import BayesianNetwork
+from ..pyro_model import InitLocFn
 from .meanfield import MeanField
 
 SCOPES = ("layer", "global")
@@ -66,13 +68,14 @@ def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
 class SNRPruned(MeanField):
     """The masked mean-field guide with SNR pruning (see the module docstring).
 
-    Args: those of ``MeanField`` (model, init_scale, name). Train it like ``MeanField`` (``fit``,
+    Args: those of ``MeanField`` (model, init_scale, name, init_loc_fn). Train it like ``MeanField`` (``fit``,
     or Pyro's ``SVI``), then ``prune``. A trained ``MeanField``'s state loads into it unchanged:
     ``SNRPruned(model).load_state_dict(mean_field.state_dict())``.
     """
 
-    def __init__(self, model: BayesianNetwork, init_scale: float | None = None, name: str | None = None):
-        super().__init__(model, init_scale=init_scale, name=name)
+    def __init__(self, model: BayesianNetwork | Callable, init_scale: float | None = None, name: str | None = None,
+                 init_loc_fn: InitLocFn | None = None):
+        super().__init__(model, init_scale=init_scale, name=name, init_loc_fn=init_loc_fn)
         self.pruned_threshold: float | dict[str, float] | None = None
 
     # ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Inference* (ICLR 2024). q is the masked mean-field Gaussian of ``MeanField`` on 
 size: each sparse layer keeps k = round(density × numel) active weights for the whole of training,
 stored compactly (``CompactSite``: μ, ρ and the flat positions of the k active weights only), so the
 trainable parameters, Adam's state and the checkpoints scale with k. ``pyro_sparse.fit`` trains
-(μ, ρ) of the active weights and calls ``on_step_end`` after every step, where every
+(μ, ρ) of the active weights and calls ``on_step_end`` after every step; any other training loop
+(``pyro.infer.SVI``) calls ``step_support(step, total, *model_args, optimizer=...)``. Every
 ``update_every`` steps (until ``stop_fraction`` of training) the support moves:
 
 - the fraction r_t = (α/2)(1 + cos(π t / T_end)) (α = ``drop_fraction``, T_end = ``stop_fraction``
@@ -46,14 +47,18 @@ state dict) lists every support update.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ..model import BayesianNetwork
-from .meanfield import CompactSite, MeanField, check_model
+from ..pyro_model import InitLocFn
+from .meanfield import CompactSite, MeanField, check_guide_model
 
 REMOVAL = ("snr", "magnitude", "folded_snr", "random")
 LAYER_DENSITIES = ("uniform", "erk")
@@ -123,18 +128,21 @@ class SparseSubspace(MeanField):
             paper: every layer at ``density``) or "erk" (Erdős–Rényi-kernel, Evci et al. 2020, RigL:
             layer density ∝ (Σ of the weight's dims) / (their product), so small layers such as the
             output layer are denser; the same total, density × the sparse layers' weights).
-        init_scale: the initial σ; μ starts at the network's own initial weights on the support.
+        init_scale: the initial σ; μ starts at the network's own initial weights on the support (a
+            traced Pyro model: at ``init_loc_fn``'s values, not rescaled).
         rescale_init: multiply the initial μ of a sparse layer by √(n / k) (≈ 1/√density), so that
             its pre-activations keep the variance of the dense initialisation; otherwise (Kaiming-
             style initialisation) every sparse layer shrinks the signal by √density and a deep net
             at density 0.1 starts close to constant. On Fashion-MNIST (mlp, 5k examples, 3 epochs)
             it raised accuracy from 71.8 % to 77.2 %.
         name: prefix in Pyro's param store (default: unique).
+        init_loc_fn: for a traced Pyro model (any model but a ``BayesianNetwork``), Pyro's
+            initialisation strategy of the means (see ``MeanField``).
     """
 
     def __init__(
         self,
-        model: BayesianNetwork,
+        model: BayesianNetwork | Callable,
         density: float = 0.1,
         update_every: int = 100,
         drop_fraction: float = 0.3,
@@ -146,8 +154,9 @@ class SparseSubspace(MeanField):
         init_scale: float | None = None,
         rescale_init: bool = True,
         name: str | None = None,
+        init_loc_fn: InitLocFn | None = None,
     ):
-        check_model(model)
+        check_guide_model(model)
         _check_number("density", density, lambda v: 0 < v <= 1, "lie in (0, 1]")
         _check_number("update_every", update_every, lambda v: v >= 1 and int(v) == v, "be an integer >= 1")
         _check_number("drop_fraction", drop_fraction, lambda v: 0 <= v < 1, "lie in [0, 1)")
@@ -158,24 +167,29 @@ class SparseSubspace(MeanField):
             raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
         if layer_density not in LAYER_DENSITIES:
             raise ValueError(f"layer_density must be one of {', '.join(LAYER_DENSITIES)}; got {layer_density!r}")
-        dense = _dense_sites(model, dense_layers)
-        shapes = {name: site.shape for name, site in model.sites.items() if name not in dense}
-        densities = _erk_densities(shapes, density) if layer_density == "erk" else dict.fromkeys(shapes, density)
-        supports = {}
-        for site_name, site in model.sites.items():
-            if site_name not in dense:
-                k = max(1, round(densities[site_name] * site.numel))
-                support = torch.zeros(site.numel, dtype=torch.bool)
-                support[torch.randperm(site.numel)[:k]] = True
-                supports[site_name] = support.view(site.shape)
-        super().__init__(model, init_scale=init_scale, name=name, compact=supports)
-        if rescale_init:
+        def supports(sites: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+            """A random support of k = round(density × n) weights for every sparse site."""
+            dense = _dense_sites(model, dense_layers, sites)
+            shapes = {name: site.shape for name, site in sites.items() if name not in dense}
+            densities = _erk_densities(shapes, density) if layer_density == "erk" else dict.fromkeys(shapes, density)
+            chosen = {}
+            for site_name, shape in shapes.items():
+                k = max(1, round(densities[site_name] * shape.numel()))
+                support = torch.zeros(shape.numel(), dtype=torch.bool)
+                support[torch.randperm(shape.numel())[:k]] = True
+                chosen[site_name] = support.view(shape)
+            self.dense_layers = tuple(sorted(dense))
+            return chosen
+
+        super().__init__(model, init_scale=init_scale, name=name, compact=supports, init_loc_fn=init_loc_fn)
+        if rescale_init and isinstance(model, BayesianNetwork):
             with torch.no_grad():
                 for site in self.compact_sites().values():
                     site.loc.mul_(math.sqrt(site.shape.numel() / site.num_active()))
         self.density, self.update_every = float(density), int(update_every)
         self.drop_fraction, self.stop_fraction = float(drop_fraction), float(stop_fraction)
-        self.removal, self.growth, self.dense_layers = removal, growth, tuple(sorted(dense))
+        self.removal, self.growth = removal, growth
+        self.dense_layers = getattr(self, "dense_layers", ())  # set with the supports (a traced model: at setup)
         self.layer_density = layer_density
         self.update_log: list[dict[str, Any]] = []
         self._model = [model]  # not a submodule: the guide's state dict holds only its own tensors
@@ -190,13 +204,37 @@ class SparseSubspace(MeanField):
             return 0.0
         return 0.5 * self.drop_fraction * (1 + math.cos(math.pi * step / end))
 
+    def is_update_step(self, step: int, total_steps: int) -> bool:
+        """True when the support moves after ``step`` (1-based) of ``total_steps``: every
+        ``update_every`` steps before ``stop_fraction`` of training."""
+        return step % self.update_every == 0 and step < self.stop_fraction * total_steps
+
+    def step_support(self, step: int, total_steps: int, *model_args: Any, optimizer: Any = None) -> int:
+        """The support update on its schedule, for any training loop: call it after every optimizer step.
+
+        Args:
+            step: the number of optimizer steps done so far (1-based), of ``total_steps`` planned.
+            model_args: the step's model arguments (e.g. the batch ``x, y``), for the growth gradient.
+            optimizer: the optimizer whose state at the moved coordinates restarts (``fresh_adam_start``):
+                a ``torch.optim.Adam`` or Pyro's ``pyro.optim.Adam`` (as used by ``pyro.infer.SVI``).
+
+        Returns the number of weights moved (0 off the schedule). A ``pyro.infer.SVI`` loop::
+
+            for step in range(1, total + 1):
+                svi.step(x, y)
+                guide.step_support(step, total, x, y, optimizer=svi.optim)
+        """
+        if not self.is_update_step(step, total_steps):
+            return 0
+        return self.update_support(self.drop_rate(step, total_steps), model_args, optimizer, step=step)
+
     def on_step_end(self, state) -> None:
-        """Every ``update_every`` steps before ``stop_fraction`` of training: move the support."""
+        """``fit``'s hook: ``step_support`` after every step, with fit's batch and optimizer."""
         step = state.global_step + 1
         total = state.epochs * state.steps_per_epoch
-        if step % self.update_every or step >= self.stop_fraction * total:
+        if not self.is_update_step(step, total):
             return
-        moved = self.update_support(self.drop_rate(step, total), state.batch, state.optimizer, step=step)
+        moved = self.step_support(step, total, *state.batch, optimizer=state.optimizer)
         state.record["support_changes"] = state.record.get("support_changes", 0) + moved
         state.record["support_updates"] = state.record.get("support_updates", 0) + 1
         per_update = state.record.get("support_changes_per_update", "")
@@ -218,16 +256,18 @@ class SparseSubspace(MeanField):
     def update_support(
         self,
         fraction: float,
-        batch: tuple[torch.Tensor, torch.Tensor] | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        batch: tuple | None = None,
+        optimizer: Any = None,
         step: int | None = None,
     ) -> int:
         """Move round(fraction × k) weights of every sparse layer; returns how many moved in all.
 
         Args:
             fraction: the share of each layer's active weights to remove (and add), in [0, 1].
-            batch: (x (B, ...), y (B,)), needed for ``growth="gradient"``.
-            optimizer: Adam restarts at the slots that moved (``fresh_adam_start``).
+            batch: the model's arguments on a batch, e.g. (x (B, ...), y (B,)); needed for
+                ``growth="gradient"``.
+            optimizer: Adam (torch's, or Pyro's wrapper) restarts at the slots that moved
+                (``fresh_adam_start``).
             step: recorded in ``update_log``.
         """
         sites = self.compact_sites()
@@ -254,8 +294,8 @@ class SparseSubspace(MeanField):
             site.rho[slots] = site.rho[kept].mean()
             if optimizer is not None:
                 grown_gradient = gradients[name].flatten()[added] if use_gradient else None
-                fresh_adam_start(optimizer, site.loc, slots, grown_gradient)
-                fresh_adam_start(optimizer, site.rho, slots, None)
+                fresh_adam_start(_torch_optimizer(optimizer, site.loc), site.loc, slots, grown_gradient)
+                fresh_adam_start(_torch_optimizer(optimizer, site.rho), site.rho, slots, None)
             assert site.num_active() == active_before, f"{name}: the support size changed"
         moved = sum(counts.values())
         self.update_log.append({
@@ -264,27 +304,44 @@ class SparseSubspace(MeanField):
         })
         return moved
 
-    def dense_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def dense_gradients(self, *model_args: Any) -> dict[str, torch.Tensor]:
         """∂L/∂μ at every coordinate of every sparse site (inactive μ = 0): site name -> (weight shape).
 
-        L is the batch's mean negative log-likelihood of the mean network (weights = μ), run in eval
-        mode (no dropout; BatchNorm uses its running statistics and leaves them unchanged).
+        L is the batch's negative log-likelihood at the mean weights (weights = μ, no noise): for a
+        ``BayesianNetwork`` the mean per example of its likelihood, run in eval mode (no dropout;
+        BatchNorm uses its running statistics and leaves them unchanged); for a traced Pyro model the
+        sum of its observed sites' log densities with every latent site conditioned on q's median
+        (``poutine.condition``), called with ``model_args`` (e.g. the batch ``x, y``). Only the
+        ranking of |∂L/∂μ| within a site matters, so the two scalings are equivalent.
         """
-        model = self._model[0]
         sites = self.compact_sites()
-        weights = {name: loc.detach() for name, loc in self.mean_weights().items()}
+        weights = {name: value.detach() for name, value in self.median().items()}
         for name in sites:
             weights[name].requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._mean_network_loss(weights, model_args)
+            grads = torch.autograd.grad(loss, [weights[name] for name in sites])
+        return dict(zip(sites, grads, strict=True))
+
+    def _mean_network_loss(self, weights: dict[str, torch.Tensor], model_args: tuple) -> torch.Tensor:
+        """−log p(y | x, weights) of the batch in ``model_args`` (see ``dense_gradients``)."""
+        model = self._model[0]
+        if not isinstance(model, BayesianNetwork):
+            conditioned = poutine.condition(model, data=weights)
+            with poutine.block():
+                trace = poutine.trace(conditioned).get_trace(*model_args)
+            return -sum(scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"]).sum()
+                        for site in trace.nodes.values()
+                        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+                        and site["name"] not in weights)
+        x, y = model_args
         was_training = model.training
         model.eval()
         try:
-            with torch.enable_grad():
-                output = model.apply(x, weights)
-                loss = -model.likelihood.log_prob(output, y).mean()
-                grads = torch.autograd.grad(loss, [weights[name] for name in sites])
+            output = model.apply(x, weights)
+            return -model.likelihood.log_prob(output, y).mean()
         finally:
             model.train(was_training)
-        return dict(zip(sites, grads, strict=True))
 
     def gradient_flops(self, example: torch.Tensor) -> int:
         """Multiply-adds of the dense gradients of all updates so far: for each, batch size × one
@@ -333,25 +390,39 @@ def _erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, f
         full.update(over)
 
 
-def _dense_sites(model: BayesianNetwork, dense_layers: Iterable[str] | str) -> set[str]:
-    """Resolve ``dense_layers`` (site names or "first") to site names; ValueError on anything else."""
+def _dense_sites(model, dense_layers: Iterable[str] | str, sites: Mapping[str, Any]) -> set[str]:
+    """Resolve ``dense_layers`` (site names or "first") to names of ``sites``; ValueError on anything else.
+    "first" names the first site when it is a ``BayesianNetwork``'s convolution (a traced model: none)."""
     specs = [dense_layers] if isinstance(dense_layers, str) else list(dense_layers)
     dense = set()
     for spec in specs:
         if spec == "first":
-            first = next(iter(model.sites.values()))
-            layer = model.net.get_submodule(first.module_path)
-            if isinstance(layer, nn.modules.conv._ConvNd):
-                dense.add(first.name)
-        elif spec in model.sites:
+            if isinstance(model, BayesianNetwork):
+                first = next(iter(model.sites.values()))
+                if isinstance(model.net.get_submodule(first.module_path), nn.modules.conv._ConvNd):
+                    dense.add(first.name)
+        elif spec in sites:
             dense.add(spec)
         else:
-            raise ValueError(f"dense_layers: unknown layer {spec!r}; use \"first\" or site names {list(model.sites)}")
+            raise ValueError(f"dense_layers: unknown layer {spec!r}; use \"first\" or site names {list(sites)}")
     return dense
 
 
+def _torch_optimizer(optimizer: Any, param: torch.Tensor) -> torch.optim.Optimizer | None:
+    """The torch optimizer that holds ``param``'s state: ``optimizer`` itself, or, for Pyro's wrapper
+    (``pyro.optim.PyroOptim``: one torch optimizer per parameter), the one of ``param`` (None before
+    its first step)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    per_param = getattr(optimizer, "optim_objs", None)
+    if per_param is None:
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or a pyro.optim optimizer, got "
+                         f"{type(optimizer).__name__}")
+    return per_param.get(param)
+
+
 def fresh_adam_start(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, slots: torch.Tensor, gradient: torch.Tensor | None
+    optimizer: torch.optim.Optimizer | None, param: torch.Tensor, slots: torch.Tensor, gradient: torch.Tensor | None
 ) -> None:
     """Restart Adam at ``slots`` (k,) of ``param`` (1-D), whose coordinates are new, under the global step count t.
 
@@ -366,7 +437,7 @@ def fresh_adam_start(
     v̄ the mean bias-corrected v̂ of the tensor's other coordinates: the new coordinate continues at
     the typical step size of its layer, building momentum from zero.
     """
-    state = optimizer.state.get(param)
+    state = optimizer.state.get(param) if optimizer is not None else None
     if not state or "exp_avg" not in state:
         return
     beta1, beta2 = next(group["betas"] for group in optimizer.param_groups if any(p is param for p in group["params"]))

@@ -4,6 +4,7 @@ progress bar, atomic checkpoints with exact resume)."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -23,7 +24,9 @@ from ..data import as_tensors
 from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
+from ..pyro_model import model_parameters
 from .elbo import ElboTerms, check_kl_estimator, negative_elbo
+from .pyro_elbo import traced_negative_elbo
 from .sghmc import check_seed, first_non_finite
 
 
@@ -106,8 +109,9 @@ against the deterministic net's 0.34, 95 % coverage 1.00; digits ECE 0.081 again
 rate), the symptom issue 10 reports. The remedy is the prior, not the optimiser."""
 
 
-def parameter_groups(model: BayesianNetwork, guide: MeanField, lr: float, scale_lr: float) -> list[dict[str, Any]]:
-    """Adam's two parameter groups: the means μ and the network's deterministic parameters at ``lr``;
+def parameter_groups(model: BayesianNetwork, guide: MeanField, lr: float, scale_lr: float,
+                     model_params: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Adam's two parameter groups: the means μ and the model's deterministic parameters at ``lr``;
     the log-scale parameters, ρ of every site (σ = softplus(ρ) ≈ e^ρ for small σ) and the likelihood's
     parameters (a learned log noise scale), at ``scale_lr``.
 
@@ -116,10 +120,15 @@ def parameter_groups(model: BayesianNetwork, guide: MeanField, lr: float, scale_
     more than a 30-epoch run on 1,000 examples has (480 steps at batch 64). A separate ``scale_lr``
     lets σ and the noise scale move faster than μ when a run is short; the default is ``lr``
     (``SCALE_LR_FACTOR``).
+
+    ``model_params``: the model's own parameters when it is not a ``BayesianNetwork`` (see
+    ``pyro_model.model_parameters``); all of them go with the means.
     """
-    scales = [site.rho for _, site in guide.named_sites()] + list(model.likelihood.parameters())
+    likelihood = list(model.likelihood.parameters()) if isinstance(model, BayesianNetwork) else []
+    scales = guide.scale_parameters() + likelihood
     scale_ids = {id(param) for param in scales}
-    means = [param for param in (*guide.parameters(), *model.parameters()) if id(param) not in scale_ids]
+    own = list(model.parameters()) if model_params is None else list(model_params)
+    means = [param for param in (*guide.parameters(), *own) if id(param) not in scale_ids]
     return [{"params": means, "lr": lr}, {"params": scales, "lr": scale_lr}]
 
 
@@ -207,20 +216,29 @@ def fit(
         raise ValueError(f"checkpoint {checkpoint} is a folder: give the path of a file in it, e.g. "
                          f"{Path(checkpoint) / 'checkpoint.pt'}")
     x, y = as_tensors(data)
-    model.check_batch(x, y)
-    if len(x) != model.dataset_size:
+    network = isinstance(model, BayesianNetwork)
+    if not network:
+        guide.setup(x[:batch_size], y[:batch_size])  # a traced model's guide finds its sites
+    else:
+        model.check_batch(x, y)
+    if network and len(x) != model.dataset_size:
         warnings.warn(
             f"fit got {len(x)} training examples but model.dataset_size is {model.dataset_size}: the "
             f"likelihood of each batch of B is scaled by {model.dataset_size} / B",
             stacklevel=2,
         )
 
-    model.use_masks(guide)  # the model reads the pruned weights' masks from this guide
     device = torch.device(device) if device is not None else next(guide.parameters()).device
-    model.to(device)
+    if network:
+        model.use_masks(guide)  # the model reads the pruned weights' masks from this guide
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
     guide.to(device)
     x, y = x.to(device), y.to(device)
-    optimizer = make_adam(parameter_groups(model, guide, lr, scale_lr), lr)
+    own_params = None if network else model_parameters(model, (x[:batch_size], y[:batch_size]), {})
+    optimizer = make_adam(parameter_groups(model, guide, lr, scale_lr, own_params and list(own_params.values())),
+                          lr)
+    objective = negative_elbo if network else functools.partial(traced_negative_elbo, dataset_size=len(x))
     shuffle = torch.Generator()
     shuffle.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
     if seed is not None:
@@ -229,7 +247,7 @@ def fit(
     history, start_epoch, train_seconds, last_saved = History(), 0, 0.0, None
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
-        _restore(saved, checkpoint, model, guide, optimizer, shuffle)
+        _restore(saved, checkpoint, model, guide, optimizer, shuffle, own_params)
         for group, group_lr in zip(optimizer.param_groups, (lr, scale_lr), strict=True):  # this call's, not the saved
             group["lr"] = group_lr
         history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
@@ -251,7 +269,8 @@ def fit(
     step_hooks = _hooks([guide, *callbacks], "on_step_end")
     epoch_hooks = _hooks([guide, *callbacks], "on_epoch_end")
     show = sys.stderr.isatty() if progress is None else progress
-    model.train()
+    if isinstance(model, torch.nn.Module):
+        model.train()
     guide.train()
     with tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="fit") as bar:
         for epoch in bar:
@@ -260,16 +279,17 @@ def fit(
             epoch_lr, epoch_scale_lr = (group["lr"] for group in optimizer.param_groups)
             started = time.perf_counter()
             order = torch.randperm(n, generator=shuffle).to(device)
-            totals = _run_epoch(state, x, y, order, batch_size, beta, kl, step_hooks, diverged)
+            totals = _run_epoch(state, x, y, order, batch_size, beta, kl, step_hooks, diverged, objective)
             train_seconds += time.perf_counter() - started
             loss, nll, kl_total = (totals / n).tolist()
             if not math.isfinite(loss):
                 raise diverged(epoch, steps_per_epoch - 1, f"the epoch's mean loss is {loss}")
             state.batch = state.terms = None
-            check_finite(epoch, _training_state(model, guide, optimizer))  # hooks never see a diverged state
+            # hooks never see a diverged state
+            check_finite(epoch, _training_state(model, guide, optimizer, own_params))
             for hook in epoch_hooks:
                 hook(state)
-            training_state = _training_state(model, guide, optimizer)
+            training_state = _training_state(model, guide, optimizer, own_params)
             check_finite(epoch, training_state)  # ... and nothing diverged is saved
             last_beta = beta(epoch + (steps_per_epoch - 1) / steps_per_epoch)
             history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl_total, "kl_factor": last_beta,
@@ -297,8 +317,10 @@ def _run_epoch(
     kl: str,
     step_hooks: list[Callable[[TrainingState], None]],
     diverged: Callable[[int, int, str], TrainingDiverged],
+    objective: Callable[..., ElboTerms] = negative_elbo,
 ) -> torch.Tensor:
-    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)`` and KL estimator ``kl``.
+    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)`` and KL estimator ``kl``;
+    ``objective``: ``negative_elbo`` (a BayesianNetwork) or ``traced_negative_elbo`` (any Pyro model).
 
     Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
     step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
@@ -311,7 +333,7 @@ def _run_epoch(
     for step in range(state.steps_per_epoch):
         index = order[step * batch_size : (step + 1) * batch_size]
         kl_weight = beta(state.epoch + step / state.steps_per_epoch)
-        terms = negative_elbo(model, guide, x[index], y[index], kl_weight=kl_weight, kl=kl)
+        terms = objective(model, guide, x[index], y[index], kl_weight=kl_weight, kl=kl)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
@@ -349,13 +371,20 @@ def _check_step_terms(step_terms: torch.Tensor, start: int, stop: int, epoch: in
     raise diverged(epoch, first, f"the loss is {loss} (nll {nll}, kl {kl})")
 
 
-def _training_state(model: BayesianNetwork, guide: MeanField, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What a checkpoint holds of the model, the guide and the optimizer."""
-    return {"model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optimizer.state_dict()}
+def _training_state(model: BayesianNetwork, guide: MeanField, optimizer: torch.optim.Optimizer,
+                    own_params: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds of the model, the guide and the optimizer (of a model that is not a
+    ``BayesianNetwork``: the values of its own parameters, by name)."""
+    if own_params is None:
+        model_state = model.state_dict()
+    else:
+        model_state = {name: param.detach().clone() for name, param in own_params.items()}
+    return {"model": model_state, "guide": guide.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def _restore(saved: dict[str, Any], path: str | os.PathLike, model: BayesianNetwork, guide: MeanField,
-             optimizer: torch.optim.Optimizer, shuffle: torch.Generator) -> None:
+             optimizer: torch.optim.Optimizer, shuffle: torch.Generator,
+             own_params: dict[str, torch.Tensor] | None = None) -> None:
     """Load a ``fit`` checkpoint into the model, guide, optimizer and RNGs; a checkpoint of another
     model or guide is a ``CheckpointError`` instead of load_state_dict's traceback."""
     missing = [key for key in ("model", "guide", "optimizer", "shuffle_rng", "torch_rng", "history", "epoch")
@@ -366,7 +395,10 @@ def _restore(saved: dict[str, Any], path: str | os.PathLike, model: BayesianNetw
     if not isinstance(saved["epoch"], int) or not isinstance(saved["history"], list):
         raise CheckpointError(path, "its epoch count or history is not what fit writes; start a new checkpoint")
     try:
-        model.load_state_dict(saved["model"])
+        if own_params is None:
+            model.load_state_dict(saved["model"])
+        else:
+            _load_parameters(own_params, saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -380,6 +412,15 @@ def _restore(saved: dict[str, Any], path: str | os.PathLike, model: BayesianNetw
     except (RuntimeError, TypeError, ValueError) as error:
         raise CheckpointError(path, f"its random-number states are not what fit writes ({_summary(error)}); start "
                                     f"a new checkpoint") from error
+
+
+def _load_parameters(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Copy saved ``values`` into a Pyro model's own parameters; KeyError / RuntimeError when they differ."""
+    if set(values) != set(params):
+        raise KeyError(f"parameters {sorted(values)} saved, the model has {sorted(params)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(values[name])
 
 
 def _summary(error: Exception, limit: int = 300) -> str:

@@ -1,0 +1,192 @@
+"""Any Pyro model: its latent sample sites, found by tracing it, as Pyro's ``AutoGuide`` does.
+
+A guide of this package covers the latent sites of the model it is given. For a ``BayesianNetwork``
+those are its Bayesian parameters (``model.sites``). For any other Pyro model — a function with
+``pyro.sample`` statements, or a ``PyroModule`` with ``PyroSample`` priors (Pyro's own BNN idiom) —
+``trace_sites`` runs the model once on example arguments and records every latent site: its name,
+the shape of its value, its support, its event dimensions and the plates it sits in. Sites hidden
+with ``poutine.block`` are not seen, so the guide leaves them to the model.
+
+Sites with real support ("weights") get a masked mean-field Normal and can be pruned; constrained
+sites (positive scales, probabilities, ...) get a Normal in the unconstrained space pushed through
+``biject_to(support)``, as ``AutoNormal`` does, and are never pruned.
+
+Local latent variables inside a *subsampled* plate (one value per data point) are refused: a
+mean-field guide with one (μ, σ) per data point is the job of an amortised guide, not of this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+InitLocFn = Callable[[dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Plate:
+    """A plate a latent site sits in: the guide samples the site inside the same plate."""
+
+    name: str
+    size: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class TracedSite:
+    """One latent sample site of a Pyro model.
+
+    name: the site's name ("w", "fc1.weight"); shape: the shape of its value (plate dimensions
+    included); unconstrained_shape: the shape of its value in the unconstrained space (differs for
+    e.g. a simplex); event_dim: the model distribution's event dimensions; support: its support;
+    plates: the plates it sits in.
+    """
+
+    name: str
+    shape: torch.Size
+    unconstrained_shape: torch.Size
+    event_dim: int
+    support: constraints.Constraint
+    plates: tuple[Plate, ...]
+
+    @property
+    def is_real(self) -> bool:
+        """True for a site with real support (a weight: prunable, closed-form KLs)."""
+        return self.support is constraints.real or isinstance(self.support, constraints.independent) and \
+            self.support.base_constraint is constraints.real
+
+    @property
+    def numel(self) -> int:
+        return self.unconstrained_shape.numel()
+
+    @property
+    def unconstrained_event_dim(self) -> int:
+        """Event dimensions of the unconstrained value (a transform may add or remove some)."""
+        return self.event_dim + len(self.unconstrained_shape) - len(self.shape)
+
+    def transform(self) -> torch.distributions.Transform:
+        """The bijection from the unconstrained space onto the site's support."""
+        return biject_to(self.support)
+
+
+def is_pyro_model(model: Any) -> bool:
+    """True for a model that is not a ``BayesianNetwork`` but may be traced: any callable."""
+    return callable(model)
+
+
+def trace_sites(
+    model: Callable, args: tuple, kwargs: dict[str, Any], init_loc_fn: InitLocFn | None = None
+) -> tuple[dict[str, TracedSite], dict[str, torch.Tensor]]:
+    """Run ``model(*args, **kwargs)`` once and return its latent sites and their initial values.
+
+    Args:
+        model: a Pyro model (a callable with ``pyro.sample`` statements, a ``PyroModule``).
+        args, kwargs: example arguments (e.g. a batch ``(x, y)``).
+        init_loc_fn: Pyro's initialisation strategy (``pyro.infer.autoguide.init_to_*``); default
+            ``init_to_median``: the median of a few prior draws, which breaks the symmetry of the
+            hidden units of a network (``init_to_feasible`` would start every weight at 0).
+
+    Returns:
+        (site name -> TracedSite, site name -> initial value in the unconstrained space), in the
+        order the model samples them.
+
+    Raises:
+        ValueError: the model has no latent site, or a latent site sits in a subsampled plate.
+    """
+    init_loc_fn = init_loc_fn or init_to_median
+    with poutine.block():
+        trace = poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace(*args, **kwargs)
+    sites, initial = {}, {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if site["infer"].get("is_auxiliary"):
+            continue
+        value = site["value"].detach()
+        plates = []
+        for frame in site["cond_indep_stack"]:
+            full_size = getattr(frame, "full_size", None) or frame.size
+            if frame.vectorized and full_size != frame.size:
+                raise ValueError(
+                    f"latent site {name!r} sits in the subsampled plate {frame.name!r} (size {full_size}, "
+                    f"{frame.size} drawn): local latent variables need an amortised guide; hide the site "
+                    f"from this guide with poutine.block(model, hide=[{name!r}]) and give it a guide of its own"
+                )
+            if frame.vectorized:
+                plates.append(Plate(frame.name, int(frame.size), int(frame.dim)))
+        support = site["fn"].support
+        unconstrained = biject_to(support).inv(value).detach()
+        sites[name] = TracedSite(name, value.shape, unconstrained.shape, int(site["fn"].event_dim), support,
+                                 tuple(plates))
+        initial[name] = unconstrained
+    if not sites:
+        raise ValueError("the model has no latent sample site to put a guide on (every site is observed or hidden)")
+    return sites, initial
+
+
+def observed_sites(model: Callable, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+    """Names of the observed sample sites of one run of ``model`` (its likelihood)."""
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)]
+
+
+class _MaskSites(Messenger):
+    """Masks pruned coordinates out of the model's log density: at a site with a mask, the model's
+    distribution ``Independent(base, k)`` becomes ``Independent(base.mask(mask), k)``."""
+
+    def __init__(self, masks: Callable[[], dict[str, torch.Tensor]]):
+        super().__init__()
+        self._masks = masks
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        mask = self._masks().get(msg["name"])
+        if mask is None or msg["is_observed"] or bool(mask.all()):
+            return
+        fn = msg["fn"]
+        event_dim = fn.event_dim
+        base = fn.base_dist if isinstance(fn, pyro.distributions.Independent) else fn
+        if base.event_dim != 0:
+            raise ValueError(f"site {msg['name']!r}: pruning needs a prior that factorises over the coordinates "
+                             f"(e.g. Normal(...).expand(shape).to_event(k)), got {type(fn).__name__}")
+        msg["fn"] = base.mask(mask).to_event(event_dim)
+
+
+def masked_model(model: Callable, masks: Callable[[], dict[str, torch.Tensor]]) -> Callable:
+    """``model`` with the coordinates where ``masks()[site]`` is False left out of its log density.
+
+    A pruned weight is an exact zero in every guide draw; leaving its prior density log p(0) in the
+    model would add a constant that drifts with the prior's hyperparameters (and an infinite KL for a
+    point mass). ``guide.masked_model(model)`` is this with the guide's own masks.
+    """
+    return _MaskSites(masks)(model)
+
+
+def model_parameters(model: Callable, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The learnable parameters of a Pyro model itself (not of its guide), by name: an ``nn.Module``'s
+    (a ``PyroModule``'s non-random parameters) and the unconstrained tensors of its ``pyro.param``
+    statements, found by running it once on ``args``."""
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(model, torch.nn.Module):
+        found.update(model.named_parameters())
+    with poutine.block():
+        trace = poutine.trace(model, param_only=True).get_trace(*args, **kwargs)
+    known = {id(tensor) for tensor in found.values()}
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            tensor = site["value"].unconstrained()
+            if id(tensor) not in known:
+                found[name] = tensor
+                known.add(id(tensor))
+    return found
