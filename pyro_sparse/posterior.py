@@ -26,11 +26,17 @@ def check_positive_int(name: str, value: Any) -> int:
 
 def check_model_type(model: Any, where: str) -> None:
     """A TypeError unless ``model`` is a ``BayesianNetwork`` (e.g. when a guide and a model are swapped)."""
-    if not isinstance(model, BayesianNetwork):
+    if isinstance(model, BayesianNetwork):
+        return
+    if callable(model) and not isinstance(model, MeanField | Posterior):
         raise TypeError(
-            f"{where}: model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}: pass the model "
-            "first, e.g. ps.BayesianNetwork(net, dataset_size=N)"
+            f"{where} takes a pyro_sparse.BayesianNetwork; for your own Pyro model ({type(model).__name__}) use "
+            f"pyro.infer.Predictive(model, guide=guide, num_samples=S)(x) for now"
         )
+    raise TypeError(
+        f"{where}: model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}: pass the model "
+        "first, e.g. ps.BayesianNetwork(net, dataset_size=N)"
+    )
 
 
 def check_guide_type(guide: Any, where: str, posterior_too: bool = False) -> None:

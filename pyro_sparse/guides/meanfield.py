@@ -305,6 +305,7 @@ class MeanField(nn.Module):
         self._compact = compact if callable(compact) else dict(compact or {})
         self._init_loc_fn = init_loc_fn
         self._traced_model: list[Callable] = []  # a list: the model is not a submodule of the guide
+        self._built = False
         if isinstance(model, BayesianNetwork):
             self._build(dict(model.sites), {site: model.initial_value(site) for site in model.sites})
             model.use_masks(self)
@@ -317,7 +318,7 @@ class MeanField(nn.Module):
     @property
     def is_set_up(self) -> bool:
         """False for a guide of a traced model that has not seen the model's arguments yet."""
-        return bool(self.site_info)
+        return self._built
 
     @property
     def traced_model(self) -> Callable | None:
@@ -350,6 +351,7 @@ class MeanField(nn.Module):
             )
         for name in self.constrained_info:
             self.constrained_sites[_key(name)] = MeanFieldSite(initial[name], self.init_scale)
+        self._built = True
 
     def _require_setup(self) -> None:
         if not self.is_set_up:
