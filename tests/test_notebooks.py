@@ -31,6 +31,16 @@ def _images(nb) -> int:
     )
 
 
+def _figures_shown_as_text(nb) -> int:
+    """Outputs that are a figure's repr and no picture (a figure IPython could not render)."""
+    return sum(
+        1
+        for cell in nb.cells
+        for out in cell.get("outputs", [])
+        if out.get("data", {}).get("text/plain", "").startswith("<Figure") and "image/png" not in out.get("data", {})
+    )
+
+
 def _text(nb) -> str:
     chunks = []
     for cell in nb.cells:
@@ -55,6 +65,7 @@ def test_notebook_is_stored_with_the_outputs_of_a_full_run(path):
     text = _text(nb)
     assert "smoke mode: False" in text, f"{path.name}: the stored outputs must come from a full run"
     assert _images(nb) > 0, f"{path.name}: stored without figures"
+    assert not _figures_shown_as_text(nb), f"{path.name}: a figure is stored as '<Figure ...>' text"
     first = nb.cells[0]
     assert first.cell_type == "markdown" and "run time" in first.source.lower(), \
         f"{path.name}: the first cell states the full run's run time and machine"
@@ -74,3 +85,4 @@ def test_notebook_runs(path, monkeypatch):
     assert not errors
     assert "smoke mode: True" in _text(nb)
     assert _images(nb) > 0, f"{path.name}: executing it in a Jupyter kernel showed no figure"
+    assert not _figures_shown_as_text(nb), f"{path.name}: a figure was shown as '<Figure ...>' text, not drawn"
