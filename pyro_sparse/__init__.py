@@ -1,6 +1,6 @@
 """pyro-sparse: sparse Bayesian neural networks in Pyro."""
 
-from . import data, distributions, errors, guides, likelihoods, metrics, nets, plots, priors, sparse
+from . import data, distributions, errors, guides, likelihoods, metrics, nets, plots, priors, pyro_model, sparse
 from .evaluation import evaluate
 from .guides import MeanField, SNRPruned, SparseSubspace
 from .infer import History, TrainingState, fit
@@ -30,6 +30,7 @@ __all__ = [
     "nets",
     "plots",
     "priors",
+    "pyro_model",
     "sample_sghmc",
     "sparse",
 ]

@@ -26,6 +26,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -134,12 +135,75 @@ def trace_sites(
     return sites, initial
 
 
-def observed_sites(model: Callable, args: tuple, kwargs: dict[str, Any]) -> list[str]:
-    """Names of the observed sample sites of one run of ``model`` (its likelihood)."""
-    with poutine.block():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)]
+def data_scale(site: dict[str, Any], dataset_size: int, batch_size: int) -> float | torch.Tensor:
+    """The factor that takes an observed site's batch log-likelihood to the whole data set's: the site's
+    own scale when the model sets one (a ``pyro.plate`` with ``subsample``/``subsample_size``), N / B
+    for a model written for the batch it is given (``pyro.plate("data", len(x))``)."""
+    scale = site["scale"]
+    if not torch.is_tensor(scale) and float(scale) == 1.0:
+        return dataset_size / batch_size
+    return scale
+
+
+def log_prob_sum(site: dict[str, Any]) -> torch.Tensor:
+    """Σ log p of a traced site's value, with the site's mask but without its scale."""
+    return scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"]).sum()
+
+
+class PyroPotential:
+    """The log joint of any Pyro model in the unconstrained space: the target of ``infer.sghmc``.
+
+    ``log_joint(params, batch)`` with ``params`` = site name -> unconstrained value u and ``batch`` = the
+    model's arguments on B of the N examples (e.g. ``(x, y)``) is the unbiased minibatch estimate
+
+        Σ_latent [log p(T(u)) + log |det ∂T/∂u|] + (N / B) Σ_observed log p(y | ·)
+
+    with T = biject_to(support) per site (the identity for weights), the data term scaled as in
+    ``data_scale``. ``initial`` holds the starting values (``init_loc_fn``, default the median of a few
+    prior draws) and ``constrain`` maps draws back to the model's space for ``pyro.infer.Predictive``::
+
+        potential = PyroPotential(model, (x[:64], y[:64]), dataset_size=len(x))
+        sampler = ps.infer.sghmc(potential.log_joint, 1e-3, dataset_size=len(x), burn_in=200)
+        state = sampler.init(potential.initial)
+        ...
+        draws = potential.constrain(state.params)
+
+    Args:
+        model: a Pyro model; args, kwargs: example arguments (a batch) to trace it with;
+        dataset_size: N; init_loc_fn: Pyro's initialisation strategy.
+    """
+
+    def __init__(self, model: Callable, args: tuple, kwargs: dict[str, Any] | None = None, *, dataset_size: int,
+                 init_loc_fn: InitLocFn | None = None):
+        if int(dataset_size) != dataset_size or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        self.model, self.dataset_size = model, int(dataset_size)
+        self.sites, self.initial = trace_sites(model, args, kwargs or {}, init_loc_fn)
+        self.transforms = {name: site.transform() for name, site in self.sites.items()}
+
+    def constrain(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unconstrained values -> the model's values (site name -> tensor)."""
+        return {name: self.transforms[name](value) for name, value in params.items()}
+
+    def log_joint(self, params: dict[str, torch.Tensor], batch: tuple) -> torch.Tensor:
+        """The minibatch estimate of log p(θ, D) (see the class); differentiable in ``params``."""
+        values, log_jacobian = {}, 0.0
+        for name, unconstrained in params.items():
+            transform = self.transforms[name]
+            values[name] = transform(unconstrained)
+            log_jacobian = log_jacobian + transform.log_abs_det_jacobian(unconstrained, values[name]).sum()
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*batch)
+        batch_size = len(batch[0])
+        total = log_jacobian
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if name in values:
+                total = total + site["scale"] * log_prob_sum(site)
+            elif site["is_observed"]:
+                total = total + data_scale(site, self.dataset_size, batch_size) * log_prob_sum(site)
+        return total
 
 
 class _MaskSites(Messenger):

@@ -16,27 +16,17 @@ and with ``kl="mc"``, log q(z) − log p(z) at the draw, as ``Trace_ELBO`` does.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from ..pyro_model import data_scale, log_prob_sum
 from .elbo import ElboTerms
 
 AUXILIARY_SUFFIX = "_unconstrained"
 """A constrained site's unconstrained draw in the guide (see ``MeanField._sample_constrained``)."""
-
-
-def _log_prob_sum(site: dict[str, Any]) -> torch.Tensor:
-    """Σ log p of a site's value, with the site's mask but without its scale."""
-    return scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"]).sum()
-
-
-def _is_unscaled(scale: Any) -> bool:
-    return not torch.is_tensor(scale) and float(scale) == 1.0
 
 
 def traced_negative_elbo(
@@ -72,8 +62,7 @@ def traced_negative_elbo(
         if site["type"] != "sample" or site_is_subsample(site):
             continue
         if site["is_observed"]:
-            scale = dataset_size / batch if _is_unscaled(site["scale"]) else site["scale"]
-            data_term = data_term + scale * _log_prob_sum(site)
+            data_term = data_term + data_scale(site, dataset_size, batch) * log_prob_sum(site)
             continue
         guide_site = guide_trace.nodes.get(name)
         if kl == "bound" and guide_site is not None:
@@ -84,7 +73,7 @@ def traced_negative_elbo(
             else:
                 closed_kl = closed_kl + site["scale"] * closed
                 continue
-        log_p = log_p + site["scale"] * _log_prob_sum(site)
+        log_p = log_p + site["scale"] * log_prob_sum(site)
         monte_carlo.add(name)
     log_q = x.new_zeros(())
     for name, site in guide_trace.nodes.items():
@@ -92,7 +81,7 @@ def traced_negative_elbo(
             continue
         owner = name[: -len(AUXILIARY_SUFFIX)] if site["infer"].get("is_auxiliary") else name
         if owner in monte_carlo:
-            log_q = log_q + site["scale"] * _log_prob_sum(site)
+            log_q = log_q + site["scale"] * log_prob_sum(site)
     kl_total = closed_kl + log_q - log_p
     loss = (-data_term + kl_weight * kl_total) / dataset_size
     returned = model_trace.nodes.get("_RETURN", {}).get("value")
