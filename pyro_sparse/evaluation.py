@@ -10,7 +10,8 @@ from . import metrics
 from .data import as_tensors
 from .guides.meanfield import MeanField
 from .model import BayesianNetwork
-from .posterior import Posterior, Predictions, check_guide_type, check_model_type, check_positive_int
+from .posterior import Posterior, Predictions, check_guide_type, check_model_type
+from .validation import check_count
 
 
 def inference_flops(model: BayesianNetwork, active: dict[str, int], example: torch.Tensor) -> dict[str, int]:
@@ -48,8 +49,8 @@ def evaluate(
     """
     check_model_type(model, "evaluate")
     check_guide_type(guide, "evaluate", posterior_too=True)
-    num_samples = check_positive_int("num_samples", num_samples)
-    batch_size = check_positive_int("batch_size", batch_size)
+    num_samples = check_count("num_samples", num_samples)
+    batch_size = check_count("batch_size", batch_size)
     posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
     posterior.check_model(model)
     x, y = as_tensors(getattr(data, "test", data))

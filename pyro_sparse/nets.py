@@ -15,16 +15,13 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from .validation import check_count
+
 __all__ = ["NETS", "BasicBlock", "ResNet", "build", "lenet5", "mlp", "resnet18", "resnet20", "vgg16"]
 
 _VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {name}={value}")
 
 
 def mlp(
@@ -38,12 +35,12 @@ def mlp(
     Input ``(B, *input_shape)`` with ``prod(input_shape) == in_features``; output ``(B, num_classes)``.
     ``mlp(784, (400, 400), 10)`` is the classic 784-400-400-10 benchmark network.
     """
-    _check_positive("in_features", in_features)
-    _check_positive("num_classes", num_classes)
+    check_count("in_features", in_features)
+    check_count("num_classes", num_classes)
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
-        _check_positive("hidden width", h)
+        check_count("hidden width", h)
         layers += [nn.Linear(width, h), activation()]
         width = h
     layers.append(nn.Linear(width, num_classes))
@@ -64,8 +61,8 @@ def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) ->
     feature size is ``16 * s * s`` with ``s = (input_size // 2 - 4) // 2``: 400 for 28x28, 576 for 32x32.
     Raises ``ValueError`` when ``input_size`` is below 12, the smallest size leaving a 1x1 feature map.
     """
-    _check_positive("in_channels", in_channels)
-    _check_positive("num_classes", num_classes)
+    check_count("in_channels", in_channels)
+    check_count("num_classes", num_classes)
     spatial = _lenet5_spatial(input_size)
     if spatial < 1:
         raise ValueError(
@@ -125,8 +122,8 @@ class ResNet(nn.Module):
         self, widths: Sequence[int], blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("num_classes", num_classes)
+        check_count("in_channels", in_channels)
+        check_count("num_classes", num_classes)
         if len(widths) != len(blocks) or not widths:
             raise ValueError(
                 f"widths and blocks must be non-empty and of equal length, got {widths}, {blocks}"
@@ -178,8 +175,8 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     ``(B, 512, 1, 1)``; the classifier is a single ``Linear(512, num_classes)``. Output ``(B, num_classes)``.
     Larger inputs (multiples of 32) also work: the final feature map is average pooled to 1x1.
     """
-    _check_positive("in_channels", in_channels)
-    _check_positive("num_classes", num_classes)
+    check_count("in_channels", in_channels)
+    check_count("num_classes", num_classes)
     layers: list[nn.Module] = []
     channels = in_channels
     for v in _VGG16_CFG:

@@ -13,15 +13,9 @@ import torch
 from .guides.meanfield import MeanField
 from .layers import substituted_parameters
 from .model import BayesianNetwork
+from .validation import check_count
 
 WeightDraw = dict[str, torch.Tensor]
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int; a ValueError naming the argument unless it is an integer >= 1 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_model_type(model: Any, where: str) -> None:
@@ -149,7 +143,7 @@ class Posterior:
 
     def draws(self, num_samples: int) -> Iterator[WeightDraw]:
         """Up to ``num_samples`` weight draws (all stored ones at most)."""
-        return self._draw(check_positive_int("num_samples", num_samples))
+        return self._draw(check_count("num_samples", num_samples))
 
     def check_model(self, model: BayesianNetwork) -> None:
         """Raise ValueError unless these draws fit ``model`` (its own model, or one with the same sites)."""
@@ -176,8 +170,8 @@ class Posterior:
                    batch_size: int = 1024) -> Predictions:
         """Every draw evaluated on x (N, ...) (and y (N,)) by ``evaluate_draw``: outputs (S, N, *output
         shape), the regression noise scale of each draw (S,), and, given y, log p(y_i | x_i, draw) (S, N)."""
-        num_samples = check_positive_int("num_samples", num_samples)
-        batch_size = check_positive_int("batch_size", batch_size)
+        num_samples = check_count("num_samples", num_samples)
+        batch_size = check_count("batch_size", batch_size)
         self.model.check_batch(x, y)
         return predict_draws(self.model, self.draws(num_samples), x, y, batch_size)
 
@@ -197,7 +191,7 @@ class Posterior:
         if scale is None:
             return None
         if self.guide is not None:  # a guide draws weights only: every draw has the model's scale
-            return scale.cpu().expand(check_positive_int("num_samples", num_samples)).clone()
+            return scale.cpu().expand(check_count("num_samples", num_samples)).clone()
         scales = []
         for draw in self.draws(num_samples):
             own = {name: value for name, value in draw.items() if name.startswith("likelihood.")}

@@ -188,9 +188,9 @@ def test_cli_em_sghmc_run(tmp_path, capsys):
     [
         ({"target_sparsity": 1.0}, "target_sparsity must be a number in"),
         ({"target_sparsity": -0.1}, "target_sparsity must be a number in"),
-        ({"chains": 0}, "chains must be an integer in"),
-        ({"step_size": 0.0}, "step_size must be a number in"),
-        ({"step_size": -1e-3}, "step_size must be a number in"),
+        ({"chains": 0}, "chains must be a positive integer"),
+        ({"step_size": 0.0}, "step_size must be a number > 0"),
+        ({"step_size": -1e-3}, "step_size must be a number > 0"),
         ({"samples": 1000}, "samples=1000 per chain need at least"),
         ({"burn_in": 3}, "burn_in must be an integer in"),
         ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*32\)"),

@@ -40,6 +40,7 @@ import torch
 from ..data import Dataset
 from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn
+from ..validation import check_fraction
 from .meanfield import MeanField
 
 SCOPES = ("layer", "global")
@@ -47,13 +48,6 @@ PRUNED = ("zero", "noise")
 PAPER_SETTING: dict[str, Any] = {"scope": "global", "finetune_epochs": 0}
 """Sharma & Jennings' setting for ``snr_sweep``: one SNR threshold on all layers, no fine-tuning
 (add ``pruned="noise"`` to reproduce their pruned weights as noise as well)."""
-
-
-def _check_fraction(sparsity: Any) -> float:
-    bad = not isinstance(sparsity, int | float) or isinstance(sparsity, bool)
-    if bad or not math.isfinite(sparsity) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
 
 
 def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -139,7 +133,7 @@ class SNRPruned(MeanField):
             if bad or not math.isfinite(threshold) or threshold < 0:
                 raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         else:
-            sparsity = _check_fraction(sparsity)
+            sparsity = check_fraction("sparsity", sparsity)
         self._check_trained()
 
         snr = self.snr()
@@ -221,7 +215,7 @@ def snr_sweep(
         raise ValueError(f"guide must be an SNRPruned guide, got {type(guide).__name__}")
     if int(finetune_epochs) != finetune_epochs or finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
-    targets = [_check_fraction(s) for s in sparsities]
+    targets = [check_fraction("sparsity", s) for s in sparsities]
     progress = fit_kwargs.pop("progress", False)
     rows = []
     for target in targets:

@@ -58,6 +58,7 @@ from torch import nn
 
 from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn
+from ..validation import check_count, check_fraction
 from .meanfield import CompactSite, MeanField, check_guide_model
 
 REMOVAL = ("snr", "magnitude", "folded_snr", "random")
@@ -157,10 +158,10 @@ class SparseSubspace(MeanField):
         init_loc_fn: InitLocFn | None = None,
     ):
         check_guide_model(model)
-        _check_number("density", density, lambda v: 0 < v <= 1, "lie in (0, 1]")
-        _check_number("update_every", update_every, lambda v: v >= 1 and int(v) == v, "be an integer >= 1")
-        _check_number("drop_fraction", drop_fraction, lambda v: 0 <= v < 1, "lie in [0, 1)")
-        _check_number("stop_fraction", stop_fraction, lambda v: 0 < v <= 1, "lie in (0, 1]")
+        check_fraction("density", density, low_open=True, high_open=False)
+        check_count("update_every", update_every)
+        check_fraction("drop_fraction", drop_fraction)
+        check_fraction("stop_fraction", stop_fraction, low_open=True, high_open=False)
         if removal not in REMOVAL:
             raise ValueError(f"removal must be one of {', '.join(REMOVAL)}; got {removal!r}")
         if growth not in GROWTH:
@@ -366,12 +367,6 @@ class SparseSubspace(MeanField):
         return (f"density={self.density:g}, update_every={self.update_every}, drop_fraction={self.drop_fraction:g}, "
                 f"stop_fraction={self.stop_fraction:g}, removal={self.removal!r}, growth={self.growth!r}, "
                 f"dense_layers={self.dense_layers}, layer_density={self.layer_density!r}")
-
-
-def _check_number(name: str, value: Any, ok, requirement: str) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or not ok(value):
-        raise ValueError(f"{name} must {requirement}, got {value!r}")
 
 
 def _erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:

@@ -84,7 +84,8 @@ from ..errors import CheckpointError, TrainingDiverged
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from ..priors import SpikeAndSlab, adaptive_precision, em_statistics, map_hyperparameters, pool_statistics
-from .sghmc import SGHMC, Schedule, SGHMCState, check_seed, first_non_finite, network_parameters, sghmc
+from ..validation import check_count, check_fraction, check_number, check_positive, check_seed
+from .sghmc import SGHMC, Schedule, SGHMCState, first_non_finite, network_parameters, sghmc
 
 
 @dataclass
@@ -116,16 +117,6 @@ class SGHMCResult:
     masks: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     spike_scale: dict[str, float] = field(default_factory=dict)
-
-
-def _check(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False,
-           low_open: bool = False, high_open: bool = True) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    ok = ok and (not integer or int(value) == value)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in {interval}, got {value!r}")
 
 
 def _chain_start(model: BayesianNetwork, chain: int, seed: int) -> dict[str, torch.Tensor]:
@@ -185,24 +176,20 @@ class RunConfig:
 
     def check(self) -> None:
         """A ValueError naming the first impossible setting."""
-        _check("target_sparsity", self.target_sparsity, 0.0, 1.0)
-        _check("chains", self.chains, 1, integer=True)
-        _check("samples", self.samples, 1, integer=True)
-        _check("epochs", self.epochs, 1, integer=True)
-        _check("batch_size", self.batch_size, 1, integer=True)
-        _check("em_every", self.em_every, 1, integer=True)
-        _check("prune_steps", self.prune_steps, 1, integer=True)
-        _check("prune_start", self.prune_start, 0.0, 1.0, high_open=False)
-        _check("prune_end", self.prune_end, self.prune_start, 1.0, high_open=False)
-        _check("spike_fraction", self.spike_fraction, 0.0, 1.0, low_open=True)
+        check_fraction("target_sparsity", self.target_sparsity)
+        for name in ("chains", "samples", "epochs", "batch_size", "em_every", "prune_steps"):
+            check_count(name, getattr(self, name))
+        check_number("prune_start", self.prune_start, 0.0, 1.0)
+        check_number("prune_end", self.prune_end, self.prune_start, 1.0)
+        check_number("spike_fraction", self.spike_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if not callable(self.step_size):
-            _check("step_size", self.step_size, 0.0, low_open=True)
+            check_positive("step_size", self.step_size)
         if self.burn_in is not None:
-            _check("burn_in", self.burn_in, 0, self.epochs, integer=True)
+            check_number("burn_in", self.burn_in, 0, self.epochs, high_open=True, integer=True)
         if isinstance(self.spike_scale, str) and self.spike_scale != "per-layer":
             raise ValueError(f"spike_scale must be 'per-layer', a number > 0 or None, got {self.spike_scale!r}")
         if not isinstance(self.spike_scale, str | type(None)):
-            _check("spike_scale", self.spike_scale, 0.0, low_open=True)
+            check_positive("spike_scale", self.spike_scale)
         if self.resume and self.checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path")
         if self.checkpoint is not None and Path(self.checkpoint).is_dir():

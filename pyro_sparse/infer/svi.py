@@ -25,9 +25,10 @@ from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
 from ..pyro_model import model_parameters
+from ..validation import check_count, check_positive, check_seed
 from .elbo import ElboTerms, check_kl_estimator, negative_elbo
 from .pyro_elbo import traced_negative_elbo
-from .sghmc import check_seed, first_non_finite
+from .sghmc import first_non_finite
 
 
 class History(list):
@@ -81,14 +82,6 @@ def _hooks(callbacks: Iterable[Callback], name: str) -> list[Callable[[TrainingS
         if hook is not None:
             hooks.append(hook)
     return hooks
-
-
-def _check_positive(name: str, value: float, integer: bool = False, allow_zero: bool = False) -> None:
-    bad = not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
-    bad = bad or (integer and int(value) != value) or value < 0 or (value == 0 and not allow_zero)
-    if bad:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def make_adam(params: list[torch.nn.Parameter] | list[dict[str, Any]], lr: float) -> torch.optim.Adam:
@@ -201,13 +194,13 @@ def fit(
     check_model = getattr(guide, "check_model", None)
     if check_model is not None:
         check_model(model)
-    _check_positive("epochs", epochs, integer=True)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("lr", lr)
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size)
+    check_positive("lr", lr)
     scale_lr = SCALE_LR_FACTOR * lr if scale_lr is None else scale_lr
-    _check_positive("scale_lr", scale_lr)
-    _check_positive("kl_weight", kl_weight, allow_zero=True)
-    _check_positive("warmup_epochs", warmup_epochs, integer=True, allow_zero=True)
+    check_positive("scale_lr", scale_lr)
+    check_positive("kl_weight", kl_weight, allow_zero=True)
+    check_positive("warmup_epochs", warmup_epochs, integer=True, allow_zero=True)
     check_kl_estimator(kl)
     seed = check_seed(seed)
     if resume and checkpoint is None:
