@@ -164,6 +164,49 @@ def build(
     )
 
 
+def from_pyro_draws(model, draws: dict[str, torch.Tensor], *model_args: Any, **model_kwargs: Any):
+    """The InferenceData of draws of any Pyro model's latent sites (e.g. SGHMC chains of a ``PyroPotential``).
+
+    Args:
+        model: a Pyro model, called as ``model(*model_args, **model_kwargs)`` with its observed data.
+        draws: site name -> (chains, draws, *site shape) values in the model's (constrained) space.
+        model_args, model_kwargs: the data to score, e.g. ``(x, y)``.
+
+    Returns an ``arviz.InferenceData`` with ``posterior`` (every site of ``draws``), ``log_likelihood``
+    (every observed site: log p(y_i | ·) per draw and observed element, from the model conditioned on the
+    draw) and ``observed_data``; R-hat, ESS and LOO (``az.loo``) work on it as on any ArviZ object.
+    """
+    import pyro.poutine as poutine
+    from pyro.poutine.util import site_is_subsample
+
+    az = import_arviz()
+    if not draws:
+        raise ValueError("draws is empty: pass site name -> (chains, draws, ...) tensors")
+    chains, per_chain = next(iter(draws.values())).shape[:2]
+    for name, value in draws.items():
+        if tuple(value.shape[:2]) != (chains, per_chain):
+            raise ValueError(f"draws[{name!r}] has shape {tuple(value.shape)}: every site needs the same (chains, "
+                             f"draws) = ({chains}, {per_chain}) leading dimensions")
+    pointwise: dict[str, list[np.ndarray]] = {}
+    observed: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for chain in range(chains):
+            for k in range(per_chain):
+                values = {name: value[chain, k] for name, value in draws.items()}
+                with poutine.block():
+                    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*model_args,
+                                                                                         **model_kwargs)
+                for name, site in trace.nodes.items():
+                    if site["type"] == "sample" and site["is_observed"] and name not in values \
+                            and not site_is_subsample(site):
+                        pointwise.setdefault(name, []).append(site["fn"].log_prob(site["value"]).double().numpy())
+                        observed.setdefault(name, site["value"].detach().cpu().numpy())
+    log_likelihood = {name: np.stack(rows).reshape(chains, per_chain, *rows[0].shape) for name, rows in
+                      pointwise.items()}
+    posterior = {name: value.detach().cpu().double().numpy() for name, value in draws.items()}
+    return az.from_dict(posterior=posterior, log_likelihood=log_likelihood, observed_data=observed)
+
+
 def diagnostics(idata) -> dict[str, float]:
     """``r_hat_max`` and ``ess_bulk_min`` over every posterior variable (NaN-free where defined)."""
     az = import_arviz()

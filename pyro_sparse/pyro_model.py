@@ -181,9 +181,11 @@ class PyroPotential:
         self.sites, self.initial = trace_sites(model, args, kwargs or {}, init_loc_fn)
         self.transforms = {name: site.transform() for name, site in self.sites.items()}
 
+    @torch.no_grad()
     def constrain(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Unconstrained values -> the model's values (site name -> tensor)."""
-        return {name: self.transforms[name](value) for name, value in params.items()}
+        """Unconstrained values -> the model's values (site name -> a new tensor: the sampler's
+        ``state.params`` are views of its position, which the next step overwrites)."""
+        return {name: self.transforms[name](value).clone() for name, value in params.items()}
 
     def log_joint(self, params: dict[str, torch.Tensor], batch: tuple) -> torch.Tensor:
         """The minibatch estimate of log p(θ, D) (see the class); differentiable in ``params``."""

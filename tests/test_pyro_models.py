@@ -312,3 +312,37 @@ def test_sghmc_on_a_pyro_model_samples_a_positive_scale_in_the_unconstrained_spa
             noises.append(potential.constrain(state.params)["noise"].item())
     noises = torch.tensor(noises)
     assert bool((noises > 0).all()) and abs(float(noises.mean()) - 0.5) < 0.1
+
+
+def test_sghmc_chains_of_a_plain_model_go_to_arviz_with_pointwise_log_likelihoods():
+    az = pytest.importorskip("arviz")
+    from pyro_sparse.inference_data import from_pyro_draws
+
+    x, y, _ = sparse_regression(n=60, p=3, seed=4)
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        noise = pyro.sample("noise", dist.HalfNormal(2.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
+
+    potential = PyroPotential(model, (x, y), dataset_size=len(x))
+    sampler = sghmc(potential.log_joint, step_size=1e-2, dataset_size=len(x), burn_in=200)
+    chains = []
+    for chain in range(2):
+        state, kept = sampler.init(potential.initial, seed=chain), []
+        for k in range(2000):
+            state = sampler.step(state, (x, y))
+            if k >= 1000 and k % 25 == 0:
+                kept.append(potential.constrain(state.params))
+        chains.append({name: torch.stack([draw[name] for draw in kept]) for name in kept[0]})
+    draws = {name: torch.stack([chain[name] for chain in chains]) for name in chains[0]}
+    idata = from_pyro_draws(model, draws, x, y)
+    assert idata.log_likelihood["obs"].shape == (2, 40, 60)
+    # the pointwise values are the model's own: log N(y_i | x_i w, noise) of one draw, computed by hand
+    w, noise = draws["w"][1, 3], draws["noise"][1, 3]
+    by_hand = dist.Normal(x @ w, noise).log_prob(y).double().numpy()
+    assert torch.allclose(torch.as_tensor(idata.log_likelihood["obs"].values[1, 3]), torch.as_tensor(by_hand))
+    summary = az.summary(idata, var_names=["w", "noise"], kind="diagnostics")
+    assert float(summary["r_hat"].max()) < 1.2
+    assert az.loo(idata).elpd_loo < 0
