@@ -210,8 +210,9 @@ def fit(
                          f"{Path(checkpoint) / 'checkpoint.pt'}")
     x, y = as_tensors(data)
     network = isinstance(model, BayesianNetwork)
-    if not network:
-        guide.setup(x[:batch_size], y[:batch_size])  # a traced model's guide finds its sites
+    if not network:  # a traced model's guide finds its sites on a first batch, where training will run
+        on = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        guide.setup(on(x[:batch_size]), on(y[:batch_size]))
     else:
         model.check_batch(x, y)
     if network and len(x) != model.dataset_size:
