@@ -52,12 +52,11 @@ from typing import Any
 
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ..model import BayesianNetwork
-from ..pyro_model import InitLocFn
+from ..pyro_model import InitLocFn, log_prob_sum
 from ..validation import check_count, check_fraction
 from .meanfield import CompactSite, MeanField, check_guide_model
 
@@ -331,8 +330,7 @@ class SparseSubspace(MeanField):
             conditioned = poutine.condition(model, data=weights)
             with poutine.block():
                 trace = poutine.trace(conditioned).get_trace(*model_args)
-            return -sum(scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"]).sum()
-                        for site in trace.nodes.values()
+            return -sum(log_prob_sum(site) for site in trace.nodes.values()
                         if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
                         and site["name"] not in weights)
         x, y = model_args
