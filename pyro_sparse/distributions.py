@@ -122,7 +122,8 @@ class MaskedNormal(TorchDistribution):
     Args:
         loc: μ, any shape.
         scale: σ ≥ 0, broadcastable with loc (zero where masked).
-        mask: bool tensor broadcastable with loc; True where the weight is active.
+        mask: bool tensor broadcastable with loc; True where the weight is active. None: every weight
+            is active (a dense site: plain Normal arithmetic, no masking work on the hot path).
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.nonnegative}
@@ -131,7 +132,7 @@ class MaskedNormal(TorchDistribution):
 
     def __init__(self, loc, scale, mask, validate_args=None):
         self.loc, self.scale = broadcast_all(loc, scale)
-        self.mask = mask.expand(self.loc.shape)
+        self.mask = None if mask is None else mask.expand(self.loc.shape)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -139,7 +140,7 @@ class MaskedNormal(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape)
         new.scale = self.scale.expand(batch_shape)
-        new.mask = self.mask.expand(batch_shape)
+        new.mask = None if self.mask is None else self.mask.expand(batch_shape)
         super(MaskedNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -153,26 +154,27 @@ class MaskedNormal(TorchDistribution):
         return self.scale**2
 
     def _safe_scale(self) -> torch.Tensor:
-        return torch.where(self.mask, self.scale, torch.ones_like(self.scale))
+        return self.scale if self.mask is None else torch.where(self.mask, self.scale, torch.ones_like(self.scale))
 
     def rsample(self, sample_shape=_EMPTY) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return torch.where(self.mask, self.loc + eps * self.scale, torch.zeros_like(eps))
+        draw = self.loc + eps * self.scale
+        return draw if self.mask is None else torch.where(self.mask, draw, torch.zeros_like(eps))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
         log_density = normal_log_prob(value - self.loc, self._safe_scale())
-        return torch.where(self.mask, log_density, torch.zeros_like(log_density))
+        return log_density if self.mask is None else torch.where(self.mask, log_density, torch.zeros_like(log_density))
 
     def entropy(self) -> torch.Tensor:
         entropy = 0.5 + _HALF_LOG_2PI + self._safe_scale().log()
-        return torch.where(self.mask, entropy, torch.zeros_like(entropy))
+        return entropy if self.mask is None else torch.where(self.mask, entropy, torch.zeros_like(entropy))
 
 
-def _masked(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, kl, torch.zeros_like(kl))
+def _masked(kl: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
 
 
 @register_kl(MaskedNormal, Normal)

@@ -209,8 +209,9 @@ class PyroPotential:
 
 
 class _MaskSites(Messenger):
-    """Masks pruned coordinates out of the model's log density: at a site with a mask, the model's
-    distribution ``Independent(base, k)`` becomes ``Independent(base.mask(mask), k)``."""
+    """Masks pruned coordinates out of the model's log density: at a site with a mask (``masks()`` holds
+    the sites with pruned weights only), the model's ``Independent(base, k)`` becomes
+    ``Independent(base.mask(mask), k)``."""
 
     def __init__(self, masks: Callable[[], dict[str, torch.Tensor]]):
         super().__init__()
@@ -218,7 +219,7 @@ class _MaskSites(Messenger):
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         mask = self._masks().get(msg["name"])
-        if mask is None or msg["is_observed"] or bool(mask.all()):
+        if mask is None or msg["is_observed"]:
             return
         fn = msg["fn"]
         event_dim = fn.event_dim

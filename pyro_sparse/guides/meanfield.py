@@ -367,7 +367,7 @@ class MeanField(nn.Module):
         model = model if model is not None else self.traced_model
         if isinstance(model, BayesianNetwork):
             return model
-        return masked_model(model, self.masks)
+        return masked_model(model, self.pruned_masks)
 
     def scale_parameters(self) -> list[nn.Parameter]:
         """Every ρ (weights and constrained sites): ``fit``'s scale learning-rate group."""
@@ -422,6 +422,10 @@ class MeanField(nn.Module):
     def masks(self) -> dict[str, torch.Tensor]:
         """Site name -> bool mask (True = active)."""
         return {name: site.mask for name, site in self.named_sites()}
+
+    def pruned_masks(self) -> dict[str, torch.Tensor]:
+        """``masks()`` of the sites with at least one pruned weight only (cheap: density is cached)."""
+        return {name: site.mask for name, site in self.named_sites() if not site.is_dense()}
 
     @torch.no_grad()
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
@@ -495,7 +499,7 @@ class MeanField(nn.Module):
         site = self.site(name)
         loc, scale, _ = site.variational()
         event_dim = getattr(self.site_info[name], "event_dim", loc.dim())
-        return MaskedNormal(loc, scale, site.mask).to_event(event_dim)
+        return MaskedNormal(loc, scale, None if site.is_dense() else site.mask).to_event(event_dim)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Pyro guide: one sample site per latent site of the model (a ``BayesianNetwork``'s guide
