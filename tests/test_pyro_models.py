@@ -347,3 +347,26 @@ def test_sghmc_chains_of_a_plain_model_go_to_arviz_with_pointwise_log_likelihood
     summary = az.summary(idata, var_names=["w", "noise"], kind="diagnostics")
     assert float(summary["r_hat"].max()) < 1.2
     assert az.loo(idata).elpd_loo < 0
+
+
+def test_regrown_weights_restart_adam_in_the_units_of_fits_loss():
+    """Under ``fit`` (loss −ELBO / N), the growth gradient that seeds Adam's moments of a regrown weight must be
+    in the same units: seeded with a batch sum, their second moment was ~B² too large and they barely moved."""
+    x, y, _, _ = blobs()
+    guide = ps.SparseSubspace(PyroNet(), density=0.25, update_every=12, init_scale=0.05)
+    ratios = []
+
+    class Watch:
+        previous = None
+
+        def on_step_end(self, state):
+            site = state.guide.site("fc1.weight")
+            if self.previous is not None and not torch.equal(site.index, self.previous):
+                moved = site.index != self.previous
+                second = state.optimizer.state[site.loc]["exp_avg_sq"]
+                ratios.append(float(second[moved].mean() / second[~moved].mean()))
+            self.previous = site.index.clone()
+
+    ps.fit(guide.traced_model, guide, (x, y), epochs=3, batch_size=50, lr=1e-2, seed=0, callbacks=[Watch()],
+           progress=False)
+    assert ratios and all(0.01 < ratio < 100 for ratio in ratios), ratios

@@ -66,6 +66,7 @@ class TrainingState:
     epochs: int
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     terms: ElboTerms | None = None
+    dataset_size: int | None = None  # N: fit's loss is −ELBO / N
     history: History = field(default_factory=History)
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -269,7 +270,7 @@ def fit(
     with tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="fit") as bar:
         for epoch in bar:
             state = TrainingState(model, guide, optimizer, epoch, 0, epoch * steps_per_epoch, steps_per_epoch, epochs,
-                                  history=history)
+                                  history=history, dataset_size=len(x))
             epoch_lr, epoch_scale_lr = (group["lr"] for group in optimizer.param_groups)
             started = time.perf_counter()
             order = torch.randperm(n, generator=shuffle).to(device)
