@@ -139,6 +139,22 @@ def regression_model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
 
 
+KNOWN_NOISE = 0.5
+
+
+def known_noise_model(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """Bayesian linear regression with a N(0, 1) prior and the noise known: a conjugate model."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(x @ w, KNOWN_NOISE), obs=y)
+
+
+def conjugate_posterior(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact posterior of ``known_noise_model``'s w, N(m, S): (m, S⁻¹), computed in closed form."""
+    precision = torch.eye(x.shape[-1]) + x.T @ x / KNOWN_NOISE**2
+    return torch.linalg.solve(precision, x.T @ y / KNOWN_NOISE**2), precision
+
+
 def test_snr_pruning_of_a_plain_pyro_regression_keeps_exactly_the_true_inputs():
     x, y, beta = sparse_regression()
     guide = ps.SNRPruned(regression_model)
@@ -160,15 +176,8 @@ def test_fit_on_a_plain_model_matches_the_mean_field_optimum_of_a_conjugate_regr
     optimum has means m and variances 1 / diag(S⁻¹) (an independent, closed-form computation). ``fit``
     with minibatches must scale the batch likelihood by N / B to reach it."""
     x, y, _ = sparse_regression(n=120, p=5, seed=1)
-    noise = 0.5
-
-    def model(x, y=None):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([5]).to_event(1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
-
-    precision = torch.eye(5) + x.T @ x / noise**2
-    mean = torch.linalg.solve(precision, x.T @ y / noise**2)
+    model = known_noise_model
+    mean, precision = conjugate_posterior(x, y)
     mean_field_std = precision.diagonal().rsqrt()
     guide = ps.MeanField(model, init_scale=0.05)
     ps.fit(model, guide, (x, y), epochs=400, batch_size=40, lr=1e-2, seed=0, progress=False)
@@ -263,23 +272,16 @@ def test_sghmc_samples_a_plain_pyro_models_exact_conjugate_posterior():
     N(m, S), S⁻¹ = I + XᵀX / s², computed in closed form. The full batch, so that no minibatch noise
     inflates the variance; the N / B scaling is checked on its own against the full-batch log joint."""
     x, y, _ = sparse_regression(n=200, p=3, seed=2)
-    noise = 0.5
-
-    def model(x, y=None):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
-
-    precision = torch.eye(3) + x.T @ x / noise**2
-    cov = torch.linalg.inv(precision)
-    mean, var = cov @ x.T @ y / noise**2, cov.diagonal()
+    model = known_noise_model
+    mean, precision = conjugate_posterior(x, y)
+    var = torch.linalg.inv(precision).diagonal()
     potential = PyroPotential(model, (x[:50], y[:50]), dataset_size=len(x))
     w = {"w": torch.tensor([0.3, -0.2, 0.1])}
     halves = [potential.log_joint(w, (x[i::2], y[i::2])) for i in range(2)]  # each scaled by N / B = 2
     prior = dist.Normal(0.0, 1.0).log_prob(w["w"]).sum()
     assert torch.allclose((halves[0] + halves[1]) / 2, potential.log_joint(w, (x, y)))
     assert torch.allclose(potential.log_joint(w, (x, y)) - prior,
-                          dist.Normal(x @ w["w"], noise).log_prob(y).sum())
+                          dist.Normal(x @ w["w"], KNOWN_NOISE).log_prob(y).sum())
     sampler = sghmc(potential.log_joint, step_size=0.02, friction=0.1, dataset_size=len(x), preconditioner=False)
     state = sampler.init(potential.initial, seed=0)
     draws = []
@@ -296,11 +298,7 @@ def test_sghmc_samples_a_plain_pyro_models_exact_conjugate_posterior():
 def test_sghmc_on_a_pyro_model_samples_a_positive_scale_in_the_unconstrained_space():
     x, y, _ = sparse_regression(n=200, p=3, seed=3)
 
-    def model(x, y=None):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        noise = pyro.sample("noise", dist.HalfNormal(2.0))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
+    model = regression_model  # 3 inputs here, a positive noise site
 
     potential = PyroPotential(model, (x, y), dataset_size=len(x))
     sampler = sghmc(potential.log_joint, step_size=1e-2, dataset_size=len(x), burn_in=300)
@@ -321,11 +319,7 @@ def test_sghmc_chains_of_a_plain_model_go_to_arviz_with_pointwise_log_likelihood
 
     x, y, _ = sparse_regression(n=60, p=3, seed=4)
 
-    def model(x, y=None):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-        noise = pyro.sample("noise", dist.HalfNormal(2.0))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(x @ w, noise), obs=y)
+    model = regression_model  # 3 inputs here, a positive noise site
 
     potential = PyroPotential(model, (x, y), dataset_size=len(x))
     sampler = sghmc(potential.log_joint, step_size=1e-2, dataset_size=len(x), burn_in=200)
