@@ -33,6 +33,9 @@ from pyro.poutine.util import site_is_subsample
 
 InitLocFn = Callable[[dict[str, Any]], torch.Tensor]
 
+AUXILIARY_SUFFIX = "_unconstrained"
+"""A constrained site's unconstrained draw in a guide is the auxiliary site ``<name>_unconstrained``."""
+
 
 @dataclass(frozen=True)
 class Plate:
@@ -78,11 +81,6 @@ class TracedSite:
     def transform(self) -> torch.distributions.Transform:
         """The bijection from the unconstrained space onto the site's support."""
         return biject_to(self.support)
-
-
-def is_pyro_model(model: Any) -> bool:
-    """True for a model that is not a ``BayesianNetwork`` but may be traced: any callable."""
-    return callable(model)
 
 
 def trace_sites(

@@ -42,7 +42,7 @@ from torch import nn
 from ..distributions import MaskedNormal
 from ..model import BayesianNetwork, Site
 from ..priors import Prior
-from ..pyro_model import InitLocFn, TracedSite, masked_model, trace_sites
+from ..pyro_model import AUXILIARY_SUFFIX, InitLocFn, TracedSite, masked_model, trace_sites
 from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
@@ -525,7 +525,7 @@ class MeanField(nn.Module):
         that carries the log-Jacobian of T⁻¹."""
         site = self.constrained_sites[_key(name)]
         unconstrained = pyro.sample(
-            f"{name}_unconstrained",
+            name + AUXILIARY_SUFFIX,
             dist.Normal(site.loc, site.scale()).to_event(info.unconstrained_event_dim),
             infer={"is_auxiliary": True},
         )

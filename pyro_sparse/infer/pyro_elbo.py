@@ -22,11 +22,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from ..pyro_model import data_scale, log_prob_sum
+from ..pyro_model import AUXILIARY_SUFFIX, data_scale, log_prob_sum
 from .elbo import ElboTerms
-
-AUXILIARY_SUFFIX = "_unconstrained"
-"""A constrained site's unconstrained draw in the guide (see ``MeanField._sample_constrained``)."""
 
 
 def traced_negative_elbo(
