@@ -7,6 +7,7 @@ from .infer import History, TrainingState, fit
 from .infer.em import em_sghmc, sample_sghmc
 from .model import BayesianNetwork
 from .posterior import Posterior
+from .pyro_posterior import PyroPosterior
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "History",
     "MeanField",
     "Posterior",
+    "PyroPosterior",
     "SNRPruned",
     "SparseSubspace",
     "TrainingState",

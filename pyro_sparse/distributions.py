@@ -23,12 +23,13 @@ def normal_log_prob(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return -0.5 * (value / scale) ** 2 - scale.log() - _HALF_LOG_2PI
 
 
-def kl_normal_to_centered_normal(
-    loc: torch.Tensor, scale: torch.Tensor, prior_scale: torch.Tensor
+def kl_normal_normal(
+    loc: torch.Tensor, scale: torch.Tensor, prior_scale: torch.Tensor, prior_loc: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
-    """KL(N(loc, scale²) ‖ N(0, prior_scale²)), elementwise and closed form."""
+    """KL(N(loc, scale²) ‖ N(prior_loc, prior_scale²)), elementwise and closed form (the package's one
+    Gaussian KL; ``prior_loc`` is 0 for every weight prior)."""
     ratio = scale / prior_scale
-    return 0.5 * (ratio**2 + (loc / prior_scale) ** 2 - 1.0) - ratio.log()
+    return 0.5 * (ratio**2 + ((loc - prior_loc) / prior_scale) ** 2 - 1.0) - ratio.log()
 
 
 def kl_normal_to_spike_and_slab(
@@ -43,8 +44,8 @@ def kl_normal_to_spike_and_slab(
     The bound is −log Σₖ πₖ exp(−KL(q ‖ N(0, σₖ²))) (Jensen on the mixture's log-density); it is
     exact when one component dominates the mixture over q's mass.
     """
-    kl_slab = kl_normal_to_centered_normal(loc, scale, slab_scale)
-    kl_spike = kl_normal_to_centered_normal(loc, scale, spike_scale)
+    kl_slab = kl_normal_normal(loc, scale, slab_scale)
+    kl_spike = kl_normal_normal(loc, scale, spike_scale)
     terms = torch.stack([inclusion.log() - kl_slab, torch.log1p(-inclusion) - kl_spike])
     return -torch.logsumexp(terms, dim=0)
 
@@ -56,6 +57,9 @@ class SpikeAndSlabNormal(TorchDistribution):
         slab_scale: σ₁, broadcastable to the batch shape.
         spike_scale: σ₀.
         inclusion: π, the prior probability of the slab, in (0, 1).
+
+    ``source`` is the ``priors.SpikeAndSlab`` object that made it (``prior.distribution(shape)``; None for
+    one built by hand): EM-SGHMC on a Pyro model learns the hyperparameters of that object.
     """
 
     arg_constraints = {
@@ -66,8 +70,9 @@ class SpikeAndSlabNormal(TorchDistribution):
     support = constraints.real
     has_rsample = False
 
-    def __init__(self, slab_scale, spike_scale, inclusion, validate_args=None):
+    def __init__(self, slab_scale, spike_scale, inclusion, validate_args=None, source=None):
         self.slab_scale, self.spike_scale, self.inclusion = broadcast_all(slab_scale, spike_scale, inclusion)
+        self.source = source
         super().__init__(self.slab_scale.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -76,6 +81,7 @@ class SpikeAndSlabNormal(TorchDistribution):
         new.slab_scale = self.slab_scale.expand(batch_shape)
         new.spike_scale = self.spike_scale.expand(batch_shape)
         new.inclusion = self.inclusion.expand(batch_shape)
+        new.source = self.source
         super(SpikeAndSlabNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -179,10 +185,7 @@ def _masked(kl: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 @register_kl(MaskedNormal, Normal)
 def _kl_masked_normal_normal(q: MaskedNormal, p: Normal) -> torch.Tensor:
-    scale = q._safe_scale()
-    ratio = scale / p.scale
-    kl = 0.5 * (ratio**2 + ((q.loc - p.loc) / p.scale) ** 2 - 1.0) - ratio.log()
-    return _masked(kl, q.mask)
+    return _masked(kl_normal_normal(q.loc, q._safe_scale(), p.scale, p.loc), q.mask)
 
 
 @register_kl(MaskedNormal, SpikeAndSlabNormal)
@@ -209,7 +212,7 @@ __all__ = [
     "MaskedNormal",
     "SpikeAndSlabNormal",
     "kl_divergence",
-    "kl_normal_to_centered_normal",
+    "kl_normal_normal",
     "kl_normal_to_spike_and_slab",
     "normal_log_prob",
 ]

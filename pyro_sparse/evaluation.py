@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from .data import as_tensors
 from .guides.meanfield import MeanField
 from .model import BayesianNetwork
 from .posterior import Posterior, Predictions, check_guide_type, check_model_type
+from .pyro_posterior import PyroPosterior
 from .validation import check_count
 
 
@@ -29,8 +31,8 @@ def training_flops_per_example(model: BayesianNetwork, active: dict[str, int], e
 
 
 def evaluate(
-    model: BayesianNetwork,
-    guide: MeanField | Posterior,
+    model: BayesianNetwork | Callable,
+    guide: MeanField | Posterior | PyroPosterior,
     data,
     num_samples: int = 32,
     batch_size: int = 1024,
@@ -41,16 +43,26 @@ def evaluate(
     regression rmse, nll, coverage_95, predictive_std; and always total_weights, active_weights,
     sparsity (fraction of Bayesian weights exactly zero) and inference_flops (per example).
 
+    ``model`` may also be any Pyro model ``model(x, y)``, with a guide of it or the ``PyroPosterior`` of a
+    sampler: the metrics then come from its observed site (``PyroPosterior.evaluate``: a Categorical
+    gives the classification metrics, a Normal the regression ones), without inference_flops.
+
     Raises:
         TypeError: ``model`` is not a BayesianNetwork or ``guide`` neither a guide nor a Posterior
             (e.g. the two swapped), or ``data`` is not an (x, y) pair / dataset.
         ValueError: ``num_samples`` or ``batch_size`` not a positive integer, a guide or posterior of
             another model, or data the model cannot take.
     """
-    check_model_type(model, "evaluate")
-    check_guide_type(guide, "evaluate", posterior_too=True)
     num_samples = check_count("num_samples", num_samples)
     batch_size = check_count("batch_size", batch_size)
+    if isinstance(guide, PyroPosterior) or (not isinstance(model, BayesianNetwork) and isinstance(guide, MeanField)
+                                            and callable(model)):
+        x, y = as_tensors(getattr(data, "test", data))
+        if not isinstance(guide, PyroPosterior):
+            guide = PyroPosterior.from_guide(model, guide, x, y, num_samples=num_samples)
+        return guide.evaluate(x, y)
+    check_model_type(model, "evaluate")
+    check_guide_type(guide, "evaluate", posterior_too=True)
     posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
     posterior.check_model(model)
     x, y = as_tensors(getattr(data, "test", data))

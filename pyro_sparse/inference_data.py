@@ -176,10 +176,6 @@ def from_pyro_draws(model, draws: dict[str, torch.Tensor], *model_args: Any, **m
     (every observed site: log p(y_i | ·) per draw and observed element, from the model conditioned on the
     draw) and ``observed_data``; R-hat, ESS and LOO (``az.loo``) work on it as on any ArviZ object.
     """
-    import pyro.poutine as poutine
-    from pyro.poutine.util import site_is_subsample
-
-    az = import_arviz()
     if not draws:
         raise ValueError("draws is empty: pass site name -> (chains, draws, ...) tensors")
     chains, per_chain = next(iter(draws.values())).shape[:2]
@@ -187,24 +183,37 @@ def from_pyro_draws(model, draws: dict[str, torch.Tensor], *model_args: Any, **m
         if tuple(value.shape[:2]) != (chains, per_chain):
             raise ValueError(f"draws[{name!r}] has shape {tuple(value.shape)}: every site needs the same (chains, "
                              f"draws) = ({chains}, {per_chain}) leading dimensions")
+    from .pyro_posterior import PyroPosterior
+
+    flat = {name: value.reshape(chains * per_chain, *value.shape[2:]) for name, value in draws.items()}
+    return pyro_inference_data(PyroPosterior(model, flat, chains), model_args, model_kwargs)
+
+
+def pyro_inference_data(posterior, model_args: tuple, model_kwargs: dict[str, Any]):
+    """The InferenceData of a ``PyroPosterior`` (``PyroPosterior.to_arviz``): posterior, the (S, ...)
+    draws and the (chains, draws) hyperparameters as (chains, S / chains, ...); log_likelihood and
+    observed_data: every observed site of the model called with ``(*model_args, **model_kwargs)`` and
+    conditioned on each draw; sample_stats."""
+    az = import_arviz()
+    chains = posterior.chains
+    per_chain = posterior.num_samples // chains
     pointwise: dict[str, list[np.ndarray]] = {}
     observed: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        for chain in range(chains):
-            for k in range(per_chain):
-                values = {name: value[chain, k] for name, value in draws.items()}
-                with poutine.block():
-                    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*model_args,
-                                                                                         **model_kwargs)
-                for name, site in trace.nodes.items():
-                    if site["type"] == "sample" and site["is_observed"] and name not in values \
-                            and not site_is_subsample(site):
-                        pointwise.setdefault(name, []).append(site["fn"].log_prob(site["value"]).double().numpy())
-                        observed.setdefault(name, site["value"].detach().cpu().numpy())
-    log_likelihood = {name: np.stack(rows).reshape(chains, per_chain, *rows[0].shape) for name, rows in
-                      pointwise.items()}
-    posterior = {name: value.detach().cpu().double().numpy() for name, value in draws.items()}
-    return az.from_dict(posterior=posterior, log_likelihood=log_likelihood, observed_data=observed)
+    for sites in posterior.observed_sites(*model_args, **model_kwargs):
+        for name, site in sites.items():
+            pointwise.setdefault(name, []).append(site["fn"].log_prob(site["value"]).double().cpu().numpy())
+            observed.setdefault(name, site["value"].detach().cpu().numpy())
+
+    def shaped(value: torch.Tensor | np.ndarray) -> np.ndarray:
+        array = value.detach().cpu().double().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        return array.reshape(chains, per_chain, *array.shape[1:])
+
+    variables = {name: shaped(value) for name, value in posterior.samples.items()}
+    variables.update({name: shaped(value.reshape(-1)) for name, value in posterior.hyperparameters.items()})
+    log_likelihood = {name: shaped(np.stack(rows)) for name, rows in pointwise.items()}
+    stats = {name: shaped(value.reshape(-1)) for name, value in posterior.sample_stats.items()}
+    return az.from_dict(posterior=variables, log_likelihood=log_likelihood, observed_data=observed,
+                        **({"sample_stats": stats} if stats else {}))
 
 
 def diagnostics(idata) -> dict[str, float]:

@@ -25,7 +25,7 @@ def check_model_type(model: Any, where: str) -> None:
     if callable(model) and not isinstance(model, MeanField | Posterior):
         raise TypeError(
             f"{where} takes a pyro_sparse.BayesianNetwork; for your own Pyro model ({type(model).__name__}) use "
-            f"pyro.infer.Predictive(model, guide=guide, num_samples=S)(x) for now"
+            f"ps.PyroPosterior(model, samples) or ps.PyroPosterior.from_guide(model, guide, x, y)"
         )
     raise TypeError(
         f"{where}: model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}: pass the model "

@@ -14,7 +14,7 @@ from torch import nn
 
 from .distributions import (
     SpikeAndSlabNormal,
-    kl_normal_to_centered_normal,
+    kl_normal_normal,
     kl_normal_to_spike_and_slab,
     normal_log_prob,
 )
@@ -89,7 +89,7 @@ class Gaussian(Prior):
         return normal_log_prob(weight, self.scale)
 
     def kl(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return kl_normal_to_centered_normal(loc, scale, self.scale)
+        return kl_normal_normal(loc, scale, self.scale)
 
     def second_moment_kl(
         self, second_moment: torch.Tensor, mask: torch.Tensor | None
@@ -134,9 +134,9 @@ class SpikeAndSlab(Prior):
         self.register_buffer("inclusion", pi.reshape(()))
 
     def distribution(self, shape: torch.Size) -> dist.TorchDistribution:
-        return SpikeAndSlabNormal(self.slab_scale, self.spike_scale, self.inclusion).expand(shape).to_event(
-            len(shape)
-        )
+        return SpikeAndSlabNormal(self.slab_scale, self.spike_scale, self.inclusion, source=self).expand(
+            shape
+        ).to_event(len(shape))
 
     def log_prob(self, weight: torch.Tensor) -> torch.Tensor:
         return SpikeAndSlabNormal(self.slab_scale, self.spike_scale, self.inclusion).log_prob(weight)

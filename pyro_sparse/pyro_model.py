@@ -17,7 +17,7 @@ mean-field guide with one (μ, σ) per data point is the job of an amortised gui
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+
+from .layers import substituted_parameters
 
 InitLocFn = Callable[[dict[str, Any]], torch.Tensor]
 
@@ -100,7 +102,7 @@ def trace_sites(
         order the model samples them.
 
     Raises:
-        ValueError: the model has no latent site, or a latent site sits in a subsampled plate.
+        ValueError: the model has no latent site, a latent site sits in a subsampled plate, or one is discrete.
     """
     init_loc_fn = init_loc_fn or init_to_median
     with poutine.block():
@@ -124,6 +126,12 @@ def trace_sites(
             if frame.vectorized:
                 plates.append(Plate(frame.name, int(frame.size), int(frame.dim)))
         support = site["fn"].support
+        if support.is_discrete:
+            raise ValueError(
+                f"latent site {name!r} is discrete ({type(site['fn']).__name__}): these guides and samplers need "
+                f"continuous latent sites; marginalise it out (pyro.infer.config_enumerate with TraceEnum_ELBO) or "
+                f"hide it with poutine.block(model, hide=[{name!r}]) and give it a guide of its own"
+            )
         unconstrained = biject_to(support).inv(value).detach()
         sites[name] = TracedSite(name, value.shape, unconstrained.shape, int(site["fn"].event_dim), support,
                                  tuple(plates))
@@ -157,8 +165,11 @@ class PyroPotential:
         Σ_latent [log p(T(u)) + log |det ∂T/∂u|] + (N / B) Σ_observed log p(y | ·)
 
     with T = biject_to(support) per site (the identity for weights), the data term scaled as in
-    ``data_scale``. ``initial`` holds the starting values (``init_loc_fn``, default the median of a few
-    prior draws) and ``constrain`` maps draws back to the model's space for ``pyro.infer.Predictive``::
+    ``data_scale``. The learnable parameters of a ``PyroModule`` (e.g. the biases of ``PyroModule[nn.Linear]``
+    layers whose weights are ``PyroSample`` s) are sampled too, under a flat prior, by their module path
+    (as ``BayesianNetwork``'s deterministic parameters are). ``initial`` holds the starting values
+    (``init_loc_fn``, default the median of a few prior draws; the module's parameters as they are) and
+    ``constrain`` maps draws back to the model's space for ``pyro.infer.Predictive``::
 
         potential = PyroPotential(model, (x[:64], y[:64]), dataset_size=len(x))
         sampler = ps.infer.sghmc(potential.log_joint, 1e-3, dataset_size=len(x), burn_in=200)
@@ -168,31 +179,63 @@ class PyroPotential:
 
     Args:
         model: a Pyro model; args, kwargs: example arguments (a batch) to trace it with;
-        dataset_size: N; init_loc_fn: Pyro's initialisation strategy.
+        dataset_size: N; init_loc_fn: Pyro's initialisation strategy;
+        without_prior: sites whose prior density is left out of ``log_joint`` (EM-SGHMC supplies their
+            prior gradient itself, as an adaptive L2 term).
+
+    Raises:
+        ValueError: the model has a ``pyro.param`` (or ``PyroParam``) statement: a sampler needs a prior on
+            every quantity it samples.
     """
 
     def __init__(self, model: Callable, args: tuple, kwargs: dict[str, Any] | None = None, *, dataset_size: int,
-                 init_loc_fn: InitLocFn | None = None):
+                 init_loc_fn: InitLocFn | None = None, without_prior: Collection[str] = ()):
         if int(dataset_size) != dataset_size or dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
         self.model, self.dataset_size = model, int(dataset_size)
-        self.sites, self.initial = trace_sites(model, args, kwargs or {}, init_loc_fn)
+        self.args, self.kwargs, self.init_loc_fn = args, kwargs or {}, init_loc_fn
+        self.sites, site_values = trace_sites(model, args, self.kwargs, init_loc_fn)
         self.transforms = {name: site.transform() for name, site in self.sites.items()}
+        unknown = sorted(set(without_prior) - set(self.sites))
+        if unknown:
+            raise ValueError(f"without_prior names {unknown}, which are not latent sites of the model")
+        self.without_prior = frozenset(without_prior)
+        module_parameters = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
+        statements = sorted(set(model_parameters(model, args, self.kwargs)) - set(module_parameters))
+        if statements:
+            raise ValueError(
+                f"the model learns {statements} with pyro.param (or PyroParam): a sampler draws every quantity "
+                f"from its posterior and needs a prior on it; make each a pyro.sample site with a prior (e.g. "
+                f"pyro.sample({statements[0]!r}, dist.HalfNormal(1.0)) for a scale)"
+            )
+        self.parameter_paths = tuple(module_parameters)
+        self.initial = site_values | {path: value.detach().clone() for path, value in module_parameters.items()}
+
+    def initial_values(self, seed: int) -> dict[str, torch.Tensor]:
+        """Fresh starting values (as ``initial``), the sites initialised again under ``seed`` (chains
+        that start apart, for R-hat); the module's parameters as they are."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, site_values = trace_sites(self.model, self.args, self.kwargs, self.init_loc_fn)
+        return site_values | {path: self.initial[path].clone() for path in self.parameter_paths}
 
     @torch.no_grad()
     def constrain(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unconstrained values -> the model's values (site name -> a new tensor: the sampler's
-        ``state.params`` are views of its position, which the next step overwrites)."""
-        return {name: self.transforms[name](value).clone() for name, value in params.items()}
+        ``state.params`` are views of its position, which the next step overwrites); the module's
+        parameters, by path, unchanged."""
+        return {name: (self.transforms[name](value) if name in self.transforms else value).clone()
+                for name, value in params.items()}
 
     def log_joint(self, params: dict[str, torch.Tensor], batch: tuple) -> torch.Tensor:
         """The minibatch estimate of log p(θ, D) (see the class); differentiable in ``params``."""
         values, log_jacobian = {}, 0.0
-        for name, unconstrained in params.items():
-            transform = self.transforms[name]
+        for name, transform in self.transforms.items():
+            unconstrained = params[name]
             values[name] = transform(unconstrained)
             log_jacobian = log_jacobian + transform.log_abs_det_jacobian(unconstrained, values[name]).sum()
-        with poutine.block():
+        substituted = {path: params[path] for path in self.parameter_paths}
+        with poutine.block(), substituted_parameters(self.model, substituted):
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(*batch)
         batch_size = len(batch[0])
         total = log_jacobian
@@ -200,10 +243,41 @@ class PyroPotential:
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if name in values:
-                total = total + site["scale"] * log_prob_sum(site)
+                if name not in self.without_prior:
+                    total = total + site["scale"] * log_prob_sum(site)
             elif site["is_observed"]:
                 total = total + data_scale(site, self.dataset_size, batch_size) * log_prob_sum(site)
         return total
+
+
+def spike_and_slab_sources(model: Callable, args: tuple, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The latent sites of ``model`` drawn from a ``priors.SpikeAndSlab`` object, site name -> that object.
+
+    A site counts when its distribution (under ``Independent`` / expansion) is a ``SpikeAndSlabNormal``
+    made by ``prior.distribution(shape)`` (it remembers its prior; the prior holds the hyperparameters
+    EM learns). A ``SpikeAndSlabNormal`` built by hand has no such object: a ValueError says how to make one.
+    """
+    from .distributions import SpikeAndSlabNormal
+
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **(kwargs or {}))
+    sources = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        fn = site["fn"]
+        while not isinstance(fn, SpikeAndSlabNormal) and hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if not isinstance(fn, SpikeAndSlabNormal):
+            continue
+        if fn.source is None:
+            raise ValueError(
+                f"site {name!r} draws from a SpikeAndSlabNormal built by hand: EM needs the prior object that "
+                f"holds the hyperparameters it learns; draw it as pyro.sample({name!r}, prior.distribution(shape)) "
+                f"with prior = ps.priors.SpikeAndSlab(...)"
+            )
+        sources[name] = fn.source
+    return sources
 
 
 class _MaskSites(Messenger):

@@ -111,5 +111,5 @@ def test_spike_scale_is_set_per_layer_from_the_initial_weights(run, digits):
         fixed = ps.em_sghmc(model, data, chains=1, samples=1, epochs=2, batch_size=50, spike_scale=spike_scale,
                             seed=0)
         assert all(value == pytest.approx(expected) for value in fixed.spike_scale.values())
-    with pytest.raises(ValueError, match="spike_scale must be 'per-layer'"):
+    with pytest.raises(ValueError, match="spike_scale must be 'auto', 'per-layer'"):
         ps.em_sghmc(model, data, chains=1, samples=1, epochs=2, spike_scale="wide")

@@ -259,8 +259,8 @@ def test_models_the_guides_cannot_take_are_refused_with_the_way_out():
         guide.setup(torch.zeros(10), torch.zeros(10))
     with pytest.raises(RuntimeError, match="guide.setup"):
         ps.MeanField(regression_model).masks()
-    with pytest.raises(TypeError, match="pyro.infer.Predictive"):
-        ps.evaluate(regression_model, ps.MeanField(regression_model), (torch.zeros(4, 3), torch.zeros(4)))
+    with pytest.raises(TypeError, match="ps.PyroPosterior"):
+        ps.Posterior.from_guide(regression_model, ps.MeanField(regression_model))
     hidden = poutine.block(regression_model, hide=["noise"])
     blocked = ps.MeanField(hidden)
     blocked.setup(torch.zeros(4, 3), torch.zeros(4))
