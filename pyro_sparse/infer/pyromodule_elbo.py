@@ -199,9 +199,9 @@ def fused_objective(model: Any, guide: MeanField, example_args: tuple, dataset_s
         sites[name] = layer_site
     if set(sites) != set(guide.site_info):
         return None
-    device = example_args[0].device
+    like = next(guide.parameters())
     for site in sites.values():
-        site.prior.to(device)
+        site.prior.to(device=like.device, dtype=like.dtype)
     lrt = {name for name, site in sites.items()
            if site.attribute == "weight" and isinstance(site.layer, nn.Linear)
            and type(site.layer).forward is nn.Linear.forward and calls.get(site.layer) == [2]}
