@@ -155,7 +155,10 @@ def fit(
     """Train ``guide`` (and the model's deterministic parameters) by maximising the ELBO.
 
     Args:
-        model: the BayesianNetwork.
+        model: a BayesianNetwork, or any Pyro model called as ``model(x, y)``. A ``PyroModule`` in Pyro's
+            BNN idiom (``PyroSample`` weights of Linear / Conv layers under zero-mean Gaussian or ``ps.priors``
+            priors) gets the fused objective as a BayesianNetwork does (``infer.pyromodule_elbo``); any other
+            model, or ``kl="mc"``, Pyro's traces (``infer.pyro_elbo``). The history's "objective" column says which.
         guide: a MeanField guide (or one of its subclasses) of ``model``.
         data: training data: (x, y) tensors, a TensorDataset or a ``ps.data.Dataset`` (its train split).
         epochs, batch_size, lr: the Adam schedule; ``lr`` is the learning rate of the means μ and
