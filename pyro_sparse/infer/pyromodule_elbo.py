@@ -58,7 +58,12 @@ class LayerSite:
 
 
 class UnexpectedSite(RuntimeError):
-    """A latent site the fused objective has no value for was sampled."""
+    """A latent site the fused objective has no value for was sampled (``name``)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"latent site {name!r} was sampled, but fit did not see the model read it as a layer's "
+                         f"weight when it recognised the model on its first batch")
+        self.name = name
 
 
 class _GivenValues(Messenger):
@@ -145,7 +150,8 @@ class PyroModuleElbo:
         """One-sample estimate of −ELBO / N on x (B, ...), y (B, ...): ``ElboTerms`` as ``traced_negative_elbo``'s."""
         if kl != "bound":
             raise ValueError(f"the fused objective computes the closed-form KL (kl='bound'), got kl={kl!r}")
-        moments, draws, kl_total = {}, {}, x.new_zeros(())
+        zero = next(guide.parameters()).new_zeros(())  # in the guide's dtype (x may hold integers)
+        moments, draws, kl_total = {}, {}, zero
         for name, guide_site in guide.named_sites():
             moments[name], site_kl = guide_site.moments_and_kl(self.sites[name].prior)
             kl_total = kl_total + site_kl
@@ -154,7 +160,7 @@ class PyroModuleElbo:
                 draws[name] = torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
         preactivations = {layer: (moments[weight], moments[bias] if bias is not None else None)
                           for layer, (weight, bias) in self.lrt_layers.items()}
-        likelihood = _ObservedLogLikelihood(self.dataset_size, len(x), x.new_zeros(()))
+        likelihood = _ObservedLogLikelihood(self.dataset_size, len(x), zero)
         with _sampled_preactivations(preactivations), likelihood, _GivenValues(draws):
             output = model(x, y)
         data_term = likelihood.total
@@ -179,9 +185,12 @@ def fused_objective(model: Any, guide: MeanField, example_args: tuple, dataset_s
     """
     if kl != "bound" or not isinstance(model, PyroModule) or guide.constrained_info or not guide.is_set_up:
         return None
-    calls: dict[nn.Module, list[int]] = {}
-    hooks = [layer.register_forward_pre_hook(lambda layer, args: calls.setdefault(layer, []).append(args[0].dim()))
-             for layer in model.modules() if isinstance(layer, nn.Linear)]
+    calls: dict[nn.Module, list[int]] = {}  # a Linear layer -> the dimension of its input at each call
+
+    def record_call(layer: nn.Module, args: tuple) -> None:
+        calls.setdefault(layer, []).append(args[0].dim() if args and torch.is_tensor(args[0]) else -1)
+
+    hooks = [layer.register_forward_pre_hook(record_call) for layer in model.modules() if isinstance(layer, nn.Linear)]
     try:
         with poutine.block(), torch.no_grad():
             trace = poutine.trace(model).get_trace(*example_args)
@@ -218,8 +227,7 @@ def _checked(model: PyroModule, guide: MeanField, sites: dict[str, LayerSite], l
             with poutine.block(), torch.no_grad():
                 objective(model, guide, *example_args)
         except UnexpectedSite as error:
-            name = str(error)
-            layer = sites[name].layer if name in sites else None
+            layer = sites[error.name].layer if error.name in sites else None
             demoted = {weight for weight in lrt if sites[weight].layer is layer}
             if not demoted:
                 return None
