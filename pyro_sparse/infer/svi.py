@@ -28,6 +28,7 @@ from ..pyro_model import model_parameters
 from ..validation import check_count, check_positive, check_seed
 from .elbo import ElboTerms, check_kl_estimator, negative_elbo
 from .pyro_elbo import traced_negative_elbo
+from .pyromodule_elbo import fused_objective
 from .sghmc import first_non_finite
 
 
@@ -37,7 +38,9 @@ class History(list):
     time so far), scale_lr (the learning rate of ρ and the noise scale), kl_estimator ("bound" or "mc",
     see ``fit``), mean_sigma (the mean σ of all active
     weights at the epoch's end) and mean_sigma[<site>] (the same per Bayesian site), plus whatever
-    callbacks recorded. σ has converged when the mean_sigma columns have stopped moving."""
+    callbacks recorded, and "objective": "fused" (closed-form KL, local reparameterization: a
+    BayesianNetwork, or a PyroModule that ``infer.pyromodule_elbo`` recognises) or "traced" (Pyro's
+    traces, any other Pyro model). σ has converged when the mean_sigma columns have stopped moving."""
 
     def column(self, key: str) -> list[Any]:
         return [record.get(key) for record in self]
@@ -152,7 +155,10 @@ def fit(
     """Train ``guide`` (and the model's deterministic parameters) by maximising the ELBO.
 
     Args:
-        model: the BayesianNetwork.
+        model: a BayesianNetwork, or any Pyro model called as ``model(x, y)``. A ``PyroModule`` in Pyro's
+            BNN idiom (``PyroSample`` weights of Linear / Conv layers under zero-mean Gaussian or ``ps.priors``
+            priors) gets the fused objective as a BayesianNetwork does (``infer.pyromodule_elbo``); any other
+            model, or ``kl="mc"``, Pyro's traces (``infer.pyro_elbo``). The history's "objective" column says which.
         guide: a MeanField guide (or one of its subclasses) of ``model``.
         data: training data: (x, y) tensors, a TensorDataset or a ``ps.data.Dataset`` (its train split).
         epochs, batch_size, lr: the Adam schedule; ``lr`` is the learning rate of the means μ and
@@ -233,7 +239,9 @@ def fit(
     own_params = None if network else model_parameters(model, (x[:batch_size], y[:batch_size]), {})
     optimizer = make_adam(parameter_groups(model, guide, lr, scale_lr, own_params and list(own_params.values())),
                           lr)
-    objective = negative_elbo if network else functools.partial(traced_negative_elbo, dataset_size=len(x))
+    fused = negative_elbo if network else fused_objective(model, guide, (x[:batch_size], y[:batch_size]), len(x), kl)
+    objective = fused or functools.partial(traced_negative_elbo, dataset_size=len(x))
+    objective_name = "traced" if fused is None else "fused"
     shuffle = torch.Generator()
     shuffle.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
     if seed is not None:
@@ -289,7 +297,7 @@ def fit(
             last_beta = beta(epoch + (steps_per_epoch - 1) / steps_per_epoch)
             history.append({"epoch": epoch + 1, "loss": loss, "nll": nll, "kl": kl_total, "kl_factor": last_beta,
                             "lr": epoch_lr, "seconds": train_seconds, "scale_lr": epoch_scale_lr, "kl_estimator": kl,
-                            **sigma_columns(guide), **state.record})
+                            "objective": objective_name, **sigma_columns(guide), **state.record})
             bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl_total:.4g}")
             if checkpoint is not None:
                 checkpoints.save(
@@ -315,7 +323,8 @@ def _run_epoch(
     objective: Callable[..., ElboTerms] = negative_elbo,
 ) -> torch.Tensor:
     """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)`` and KL estimator ``kl``;
-    ``objective``: ``negative_elbo`` (a BayesianNetwork) or ``traced_negative_elbo`` (any Pyro model).
+    ``objective``: ``negative_elbo`` (a BayesianNetwork), a ``PyroModuleElbo`` (a recognised PyroModule) or
+    ``traced_negative_elbo`` (any Pyro model).
 
     Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
     step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
