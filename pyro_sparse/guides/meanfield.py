@@ -279,7 +279,8 @@ class MeanField(nn.Module):
 
     ``guide(*args)`` samples every site from q (for ``pyro.infer.SVI`` and ``Predictive``);
     ``pyro_sparse.fit`` uses the fused objective with local reparameterization for a
-    ``BayesianNetwork`` and Pyro's mean-field ELBO for other models.
+    ``BayesianNetwork`` and for a ``PyroModule`` in Pyro's BNN idiom (``infer.pyromodule_elbo``), and
+    Pyro's mean-field ELBO for other models.
     """
 
     def __init__(

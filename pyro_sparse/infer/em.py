@@ -297,7 +297,9 @@ def em_sghmc(
         samples: draws kept per chain after burn-in (evenly thinned).
         epochs: passes over the data per chain; burn_in: how many of them are burn-in (default half):
             the preconditioner and the hyperparameters adapt and the pruning ramp runs there, no
-            draws are kept; both are frozen after it.
+            draws are kept; both are frozen after it. At the default step size a weight moves about
+            10⁻³ per step: a small data set (a few hundred examples, a few steps per epoch) needs
+            enough epochs for about 2,000 steps per chain (``benchmarks/README.md``, ``pyro_models.py``).
         batch_size, step_size, friction, temperature, preconditioner, noise: SGHMC (``infer.sghmc``);
             ``step_size`` is ε in preconditioned units (about the distance a coordinate drifts per
             step), or a schedule ``step -> ε``. The default was chosen on validation splits of
