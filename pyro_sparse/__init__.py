@@ -1,6 +1,20 @@
 """pyro-sparse: sparse Bayesian neural networks in Pyro."""
 
-from . import data, distributions, errors, guides, likelihoods, metrics, nets, plots, priors, pyro_model, sparse
+from . import (
+    batches,
+    data,
+    distributions,
+    errors,
+    guides,
+    likelihoods,
+    loaders,
+    metrics,
+    nets,
+    plots,
+    priors,
+    pyro_model,
+    sparse,
+)
 from .evaluation import evaluate
 from .guides import MeanField, SNRPruned, SparseSubspace
 from .infer import History, TrainingState, fit
@@ -20,6 +34,7 @@ __all__ = [
     "SNRPruned",
     "SparseSubspace",
     "TrainingState",
+    "batches",
     "data",
     "distributions",
     "em_sghmc",
@@ -28,6 +43,7 @@ __all__ = [
     "fit",
     "guides",
     "likelihoods",
+    "loaders",
     "metrics",
     "nets",
     "plots",

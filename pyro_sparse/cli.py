@@ -29,6 +29,7 @@ from . import likelihoods, metrics, nets, plots, priors, sparse
 from .errors import CheckpointError, TrainingDiverged
 from .evaluation import evaluate, summarize
 from .infer.svi import History
+from .loaders import check_augmentable
 from .model import BayesianNetwork
 from .posterior import Posterior
 from .recipes import CHECKPOINT, CHECKPOINT_FILES, TrainedRun, recipe
@@ -349,6 +350,8 @@ def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, An
     model = build_model(config, dataset)
     for split in (dataset.train, dataset.test):
         model.check_batch(*datasets.as_tensors(split))
+    if config.get("augment"):
+        check_augmentable(datasets.as_tensors(dataset.train)[0])
     with RunFolder(out):
         if config.get("overwrite"):
             remove_outputs(out)
@@ -483,6 +486,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=_positive_int, default=32, help="posterior samples for prediction")
     t.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--augment", action="store_true",
+                   help="random crops (padding 4) and horizontal flips of colour images, e.g. cifar10")
+    t.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes (default 0)")
     t.add_argument("--out", required=True, help="output folder (one run per folder)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out (options that define the run must match; --epochs and --lr "

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from . import metrics
 from .data import as_tensors
 from .guides.meanfield import MeanField
 from .model import BayesianNetwork
-from .posterior import Posterior, Predictions, check_guide_type, check_model_type
+from .posterior import Posterior, Predictions, check_guide_type, check_model_type, predict_loader
 from .pyro_posterior import PyroPosterior
 from .validation import check_count
 
@@ -37,7 +38,9 @@ def evaluate(
     num_samples: int = 32,
     batch_size: int = 1024,
 ) -> dict[str, Any]:
-    """Evaluate the posterior predictive on ``data`` (x, y) (or a TensorDataset / Dataset's test split).
+    """Evaluate the posterior predictive on ``data`` (x, y) (or a TensorDataset / Dataset's test split, or a
+    ``DataLoader`` of (x, y) batches: streamed, the same S draws on every batch; only the (S, N, outputs)
+    predictions are kept).
 
     Returns a flat dict: for classification accuracy, nll, ece, brier, mean_sample_accuracy; for
     regression rmse, nll, coverage_95, predictive_std; and always total_weights, active_weights,
@@ -57,7 +60,7 @@ def evaluate(
     batch_size = check_count("batch_size", batch_size)
     if isinstance(guide, PyroPosterior) or (not isinstance(model, BayesianNetwork) and isinstance(guide, MeanField)
                                             and callable(model)):
-        x, y = as_tensors(getattr(data, "test", data))
+        x, y = _in_memory(getattr(data, "test", data))
         if not isinstance(guide, PyroPosterior):
             guide = PyroPosterior.from_guide(model, guide, x, y, num_samples=num_samples)
         return guide.evaluate(x, y)
@@ -65,10 +68,31 @@ def evaluate(
     check_guide_type(guide, "evaluate", posterior_too=True)
     posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)
     posterior.check_model(model)
-    x, y = as_tensors(getattr(data, "test", data))
+    data = getattr(data, "test", data)
+    if isinstance(data, DataLoader):
+        return _evaluate_streamed(model, posterior, data, num_samples, batch_size)
+    x, y = as_tensors(data)
     model.check_batch(x, y)
     predictions = posterior.predictive(x, num_samples=num_samples, batch_size=batch_size)
     return summarize(model, posterior, predictions, x, y)
+
+
+def _evaluate_streamed(model: BayesianNetwork, posterior: Posterior, loader: DataLoader, num_samples: int,
+                       batch_size: int) -> dict[str, Any]:
+    """``evaluate`` over a DataLoader of (x, y) batches: S draws fixed once, one pass (``predict_loader``)."""
+    predictions, y = predict_loader(model, list(posterior.draws(num_samples)), loader, batch_size)
+    if y is None:
+        raise TypeError("evaluate needs a DataLoader of (x, y) batches; this one yields inputs only")
+    example = next(iter(loader))[0][:1]
+    return summarize(model, posterior, predictions, example, y)
+
+
+def _in_memory(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a pair / dataset, or of every batch of a DataLoader stacked."""
+    if isinstance(data, DataLoader):
+        batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    return as_tensors(data)
 
 
 def summarize(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from .guides.meanfield import MeanField
 from .layers import substituted_parameters
@@ -169,14 +170,19 @@ class Posterior:
     def predictive(self, x: torch.Tensor, y: torch.Tensor | None = None, num_samples: int = 32,
                    batch_size: int = 1024) -> Predictions:
         """Every draw evaluated on x (N, ...) (and y (N,)) by ``evaluate_draw``: outputs (S, N, *output
-        shape), the regression noise scale of each draw (S,), and, given y, log p(y_i | x_i, draw) (S, N)."""
+        shape), the regression noise scale of each draw (S,), and, given y, log p(y_i | x_i, draw) (S, N).
+
+        ``x`` may be a ``DataLoader`` of inputs or of (x, y) batches (then y comes from it): streamed, the
+        same S draws on every batch, the results concatenated over the batches."""
         num_samples = check_count("num_samples", num_samples)
         batch_size = check_count("batch_size", batch_size)
+        if isinstance(x, DataLoader):
+            return predict_loader(self.model, list(self.draws(num_samples)), x, batch_size)[0]
         self.model.check_batch(x, y)
         return predict_draws(self.model, self.draws(num_samples), x, y, batch_size)
 
     def predict(self, x: torch.Tensor, num_samples: int = 32, batch_size: int = 1024) -> torch.Tensor:
-        """Network outputs under each draw: x (N, ...) -> (S, N, *output shape).
+        """Network outputs under each draw: x (N, ...) (or a ``DataLoader``) -> (S, N, *output shape).
 
         Every draw is one whole network, shared by all N examples. ``predictive`` also gives each
         draw's noise scale and log-likelihood.
@@ -322,6 +328,25 @@ def predict_draws(model: BayesianNetwork, draws: Iterable[Mapping[str, torch.Ten
         model.train(was_training)
     return Predictions(torch.stack(outputs), torch.stack(scales) if scales else None,
                        torch.stack(log_likelihoods) if log_likelihoods else None)
+
+
+def predict_loader(model: BayesianNetwork, draws: list[Mapping[str, torch.Tensor]], loader: DataLoader,
+                   batch_size: int = 1024) -> tuple[Predictions, torch.Tensor | None]:
+    """``predict_draws`` of the same ``draws`` on every batch of ``loader`` (inputs, or (x, y) pairs), in one
+    pass: the Predictions concatenated over the batches (N in all) and the targets (N,) in the loader's
+    order (None for a loader of inputs)."""
+    parts, targets = [], []
+    for batch in loader:
+        x, y = batch if isinstance(batch, list | tuple) else (batch, None)
+        model.check_batch(x, y)
+        parts.append(predict_draws(model, draws, x, y, batch_size))
+        if y is not None:
+            targets.append(torch.as_tensor(y))
+    if not parts:
+        raise ValueError("the DataLoader yields no batches")
+    log_likelihood = None if parts[0].log_likelihood is None else torch.cat([p.log_likelihood for p in parts], 1)
+    predictions = Predictions(torch.cat([part.outputs for part in parts], 1), parts[0].noise_scales, log_likelihood)
+    return predictions, (torch.cat(targets) if targets else None)
 
 
 def _check_samples(model: BayesianNetwork, samples: Mapping[str, torch.Tensor]) -> int:

@@ -77,7 +77,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
-from ..data import as_tensors
+from ..batches import TensorBatches, batch_source
 from ..errors import CheckpointError, TrainingDiverged
 from ..model import BayesianNetwork
 from ..posterior import Posterior
@@ -100,11 +100,12 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
     config.check()
     base_seed = check_seed(config.seed)
     base_seed = int(torch.randint(2**62, ()).item()) if base_seed is None else base_seed
-    x, y = as_tensors(data)
-    target = sampling_target(model, config.em, x, y, config.batch_size)
-    x, y = x.to(target.device), y.to(target.device)
-    n = len(x)
-    kernel = EMSGHMC(target, config, dataset_size=n)
+    source = batch_source(data, config.batch_size)
+    n = source.dataset_size
+    whole = isinstance(model, BayesianNetwork) and isinstance(source, TensorBatches)  # check every example
+    target = sampling_target(model, config.em, *((source.x, source.y) if whole else source.example), dataset_size=n)
+    source.to(target.device)
+    kernel = EMSGHMC(target, config, dataset_size=n, steps_per_epoch=source.steps_per_epoch)
     plan = kernel.plan
     state = kernel.init(base_seed)
     shuffle = torch.Generator().manual_seed(base_seed)
@@ -117,6 +118,9 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
         if state.shared is not None:
             state.shared.load_state_dict(saved["em"])
         shuffle.set_state(saved["shuffle_rng"])
+        if saved.get("torch_rng") is not None:  # a DataLoader shuffles with torch's global RNG
+            torch.set_rng_state(saved["torch_rng"])
+        source.load_shuffle_state(saved.get("loader_rng") or {})
         history, start_epoch, last_saved = saved["history"], saved["epoch"], checkpoint
         seconds = history[-1]["seconds"] if history else 0.0
         state.step = start_epoch * plan.steps_per_epoch
@@ -130,12 +134,11 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
     target.train()
     for epoch in bar:
         started = time.perf_counter()
-        orders = [torch.randperm(n, generator=shuffle).to(target.device) for _ in state.chains]
+        per_chain = [source.epoch(shuffle) for _ in state.chains]  # each chain its own order of the data
         nll_sum = torch.zeros((), device=target.device)
-        for step in range(plan.steps_per_epoch):
-            indices = [order[step * config.batch_size: (step + 1) * config.batch_size] for order in orders]
+        for step, batches in enumerate(zip(*per_chain, strict=True)):
             try:
-                kernel.step(state, [(x[index], y[index]) for index in indices])
+                kernel.step(state, list(batches))
             except Diverged as error:
                 raise diverged(epoch, step, str(error)) from None
             for run in state.chains:
@@ -149,7 +152,8 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
         bar.set_postfix(neg_log_joint=f"{row['neg_log_joint']:.4f}", sparsity=f"{row['sparsity']:.3f}")
         if checkpoint is not None:
             checkpoints.save({"chains": [run.state_dict() for run in state.chains],
-                              "shuffle_rng": shuffle.get_state(),
+                              "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                              "loader_rng": source.shuffle_state(),
                               "em": None if state.shared is None else state.shared.state_dict(),
                               "history": history, "epoch": epoch + 1, "epochs": config.epochs,
                               "burn_in": kernel.burn_in, "metadata": config.metadata or {},
@@ -291,7 +295,10 @@ def em_sghmc(
             other sites (e.g. a noise scale) and a ``PyroModule``'s parameters are sampled under their
             own priors (parameters: flat), the observed sites scaled by N / B (``pyro_model.PyroPotential``).
             Its draws come back as a ``PyroPosterior`` in the model's (constrained) space.
-        data: training data ((x, y), a TensorDataset or a ``ps.data.Dataset``).
+        data: training data ((x, y), a TensorDataset or a ``ps.data.Dataset``: in memory, each chain
+            shuffled by the run's generator), or a ``torch.utils.data.DataLoader`` of (x, y) batches
+            (streamed; each chain takes its own pass over the loader per epoch; ``batch_size`` is then
+            the loader's; ``batches.LoaderBatches``).
         target_sparsity: s ∈ [0, 1), the fraction of Bayesian weights removed by the ramp (0: none).
         chains: number of chains (run side by side, step by step, sharing the hyperparameters).
         samples: draws kept per chain after burn-in (evenly thinned).

@@ -252,8 +252,7 @@ class _Plan:
     prune_at: dict[int, float]
 
 
-def _plan(config: RunConfig, n: int, burn_in: int) -> _Plan:
-    steps_per_epoch = math.ceil(n / config.batch_size)
+def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
     total_steps, burn_steps = config.epochs * steps_per_epoch, burn_in * steps_per_epoch
     collect_steps = total_steps - burn_steps
     if collect_steps < config.samples:
@@ -473,14 +472,18 @@ class EMSGHMC:
     Args:
         target: what to sample (``sampling_target``: a BayesianNetwork or any Pyro model).
         config: the run's settings.
-        dataset_size: N, the number of training examples (sets the steps per epoch and the plan).
+        dataset_size: N, the number of training examples.
+        steps_per_epoch: minibatches per pass over the data (default ⌈N / config.batch_size⌉); with the
+            epochs, it sets the plan.
     """
 
-    def __init__(self, target: NetworkTarget | PyroTarget, config: RunConfig, dataset_size: int):
+    def __init__(self, target: NetworkTarget | PyroTarget, config: RunConfig, dataset_size: int,
+                 steps_per_epoch: int | None = None):
         config.check()
         self.target, self.config, self.dataset_size = target, config, dataset_size
         self.burn_in = config.epochs // 2 if config.burn_in is None else config.burn_in
-        self.plan = _plan(config, dataset_size, self.burn_in)
+        steps_per_epoch = math.ceil(dataset_size / config.batch_size) if steps_per_epoch is None else steps_per_epoch
+        self.plan = _plan(config, steps_per_epoch, self.burn_in)
         self.sampler = target.sampler(step_size=config.step_size, friction=config.friction,
                                       temperature=config.temperature, preconditioner=config.preconditioner,
                                       burn_in=self.plan.burn_steps, noise=config.noise)

@@ -37,7 +37,7 @@ class NetworkTarget:
 
     default_spike_scale = "per-layer"
 
-    def __init__(self, model: BayesianNetwork, em: bool, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    def __init__(self, model: BayesianNetwork, em: bool, x: torch.Tensor, y: torch.Tensor, dataset_size: int):
         if em and not isinstance(model.prior, SpikeAndSlab):
             raise ValueError(
                 f"em_sghmc needs a SpikeAndSlab prior, got {type(model.prior).__name__}: build the model with "
@@ -104,16 +104,20 @@ class PyroTarget:
 
     Args:
         model: the Pyro model (a function or a ``PyroModule``); em: whether EM will act on its
-            spike-and-slab sites; x, y: the training data (the first ``batch_size`` examples trace it);
-        init_loc_fn: Pyro's initialisation strategy (default ``init_in_slab``).
+            spike-and-slab sites; x, y: a batch of the training data (it traces the model);
+        dataset_size: N; init_loc_fn: Pyro's initialisation strategy (default ``init_in_slab``).
     """
 
     default_spike_scale = None  # the prior's own σ₀: the user wrote it, and the initial values are prior draws
 
-    def __init__(self, model: Callable, em: bool, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    def __init__(self, model: Callable, em: bool, x: torch.Tensor, y: torch.Tensor, dataset_size: int,
                  init_loc_fn: Callable | None = None):
         check_guide_model(model)
-        example = (x[:batch_size], y[:batch_size])
+        self.device = x.device
+        if isinstance(model, torch.nn.Module):
+            tensors = [*model.parameters(), *model.buffers()]
+            self.device = tensors[0].device if tensors else x.device
+        example = (x.to(self.device), y.to(self.device))
         self.model = model
         sources = spike_and_slab_sources(model, example)
         priors = {id(prior): prior for prior in sources.values()}
@@ -133,12 +137,8 @@ class PyroTarget:
                 )
             self.prior = next(iter(priors.values()))
             self.site_names = tuple(sources)
-        self.potential = PyroPotential(model, example, dataset_size=len(x), init_loc_fn=init_loc_fn or init_in_slab,
-                                       without_prior=self.site_names)
-        self.device = x.device
-        if isinstance(model, torch.nn.Module):
-            tensors = [*model.parameters(), *model.buffers()]
-            self.device = tensors[0].device if tensors else x.device
+        self.potential = PyroPotential(model, example, dataset_size=dataset_size,
+                                       init_loc_fn=init_loc_fn or init_in_slab, without_prior=self.site_names)
 
     def sampler(self, **settings: Any) -> SGHMC:
         return sghmc(self.potential.log_joint, dataset_size=self.potential.dataset_size, sites=self.site_names,
@@ -171,9 +171,10 @@ class PyroTarget:
 
 
 def sampling_target(model: Any, em: bool, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int) -> NetworkTarget | PyroTarget:
-    """The target for ``model``: a ``BayesianNetwork``, or any other Pyro model (a ValueError for a plain
+                    dataset_size: int) -> NetworkTarget | PyroTarget:
+    """The target for ``model``, checked on (or traced with) the batch x, y of a data set of N =
+    ``dataset_size`` examples: a ``BayesianNetwork``, or any other Pyro model (a ValueError for a plain
     ``nn.Module``, with the way to wrap it)."""
     if isinstance(model, BayesianNetwork):
-        return NetworkTarget(model, em, x, y, batch_size)
-    return PyroTarget(model, em, x, y, batch_size)
+        return NetworkTarget(model, em, x, y, dataset_size)
+    return PyroTarget(model, em, x, y, dataset_size)

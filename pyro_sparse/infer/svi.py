@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
-from ..data import as_tensors
+from ..batches import TensorBatches, batch_source
 from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
@@ -160,7 +160,10 @@ def fit(
             priors) gets the fused objective as a BayesianNetwork does (``infer.pyromodule_elbo``); any other
             model, or ``kl="mc"``, Pyro's traces (``infer.pyro_elbo``). The history's "objective" column says which.
         guide: a MeanField guide (or one of its subclasses) of ``model``.
-        data: training data: (x, y) tensors, a TensorDataset or a ``ps.data.Dataset`` (its train split).
+        data: training data: (x, y) tensors, a TensorDataset or a ``ps.data.Dataset`` (its train split), held
+            in memory and shuffled by ``fit``; or a ``torch.utils.data.DataLoader`` of (x, y) batches, streamed
+            (its sampler, workers and transforms, e.g. augmentation; ``batch_size`` is then the loader's;
+            ``batches.LoaderBatches``). Either way a resumed run sees the same batches.
         epochs, batch_size, lr: the Adam schedule; ``lr`` is the learning rate of the means μ and
             of the network's deterministic parameters.
         scale_lr: the learning rate of the log-scale parameters (ρ, the likelihood's noise scale; see
@@ -215,16 +218,19 @@ def fit(
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise ValueError(f"checkpoint {checkpoint} is a folder: give the path of a file in it, e.g. "
                          f"{Path(checkpoint) / 'checkpoint.pt'}")
-    x, y = as_tensors(data)
+    source = batch_source(data, batch_size)
     network = isinstance(model, BayesianNetwork)
+    n = source.dataset_size
     if not network:  # a traced model's guide finds its sites on a first batch, where training will run
         on = (lambda t: t.to(device)) if device is not None else (lambda t: t)
-        guide.setup(on(x[:batch_size]), on(y[:batch_size]))
+        guide.setup(*(on(t) for t in source.example))
+    elif isinstance(source, TensorBatches):
+        model.check_batch(source.x, source.y)
     else:
-        model.check_batch(x, y)
-    if network and len(x) != model.dataset_size:
+        model.check_batch(*source.example)
+    if network and n != model.dataset_size:
         warnings.warn(
-            f"fit got {len(x)} training examples but model.dataset_size is {model.dataset_size}: the "
+            f"fit got {n} training examples but model.dataset_size is {model.dataset_size}: the "
             f"likelihood of each batch of B is scaled by {model.dataset_size} / B",
             stacklevel=2,
         )
@@ -235,12 +241,13 @@ def fit(
     if isinstance(model, torch.nn.Module):
         model.to(device)
     guide.to(device)
-    x, y = x.to(device), y.to(device)
-    own_params = None if network else model_parameters(model, (x[:batch_size], y[:batch_size]), {})
+    source.to(device)
+    example = source.example
+    own_params = None if network else model_parameters(model, example, {})
     optimizer = make_adam(parameter_groups(model, guide, lr, scale_lr, own_params and list(own_params.values())),
                           lr)
-    fused = negative_elbo if network else fused_objective(model, guide, (x[:batch_size], y[:batch_size]), len(x), kl)
-    objective = fused or functools.partial(traced_negative_elbo, dataset_size=len(x))
+    fused = negative_elbo if network else fused_objective(model, guide, example, n, kl)
+    objective = fused or functools.partial(traced_negative_elbo, dataset_size=n)
     objective_name = "traced" if fused is None else "fused"
     shuffle = torch.Generator()
     shuffle.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
@@ -251,6 +258,7 @@ def fit(
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
         _restore(saved, checkpoint, model, guide, optimizer, shuffle, own_params)
+        source.load_shuffle_state(saved.get("loader_rng") or {})
         for group, group_lr in zip(optimizer.param_groups, (lr, scale_lr), strict=True):  # this call's, not the saved
             group["lr"] = group_lr
         history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
@@ -268,7 +276,7 @@ def fit(
         """The KL weight after ``epochs_done`` (fractional) epochs: the warm-up ramp, then ``kl_weight``."""
         return kl_weight * (min(1.0, epochs_done / warmup_epochs) if warmup_epochs else 1.0)
 
-    n, steps_per_epoch = len(x), math.ceil(len(x) / batch_size)
+    steps_per_epoch = source.steps_per_epoch
     step_hooks = _hooks([guide, *callbacks], "on_step_end")
     epoch_hooks = _hooks([guide, *callbacks], "on_epoch_end")
     show = sys.stderr.isatty() if progress is None else progress
@@ -278,11 +286,10 @@ def fit(
     with tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, disable=not show, desc="fit") as bar:
         for epoch in bar:
             state = TrainingState(model, guide, optimizer, epoch, 0, epoch * steps_per_epoch, steps_per_epoch, epochs,
-                                  history=history, dataset_size=len(x))
+                                  history=history, dataset_size=n)
             epoch_lr, epoch_scale_lr = (group["lr"] for group in optimizer.param_groups)
             started = time.perf_counter()
-            order = torch.randperm(n, generator=shuffle).to(device)
-            totals = _run_epoch(state, x, y, order, batch_size, beta, kl, step_hooks, diverged, objective)
+            totals = _run_epoch(state, source.epoch(shuffle), device, beta, kl, step_hooks, diverged, objective)
             train_seconds += time.perf_counter() - started
             loss, nll, kl_total = (totals / n).tolist()
             if not math.isfinite(loss):
@@ -301,7 +308,8 @@ def fit(
             bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl_total:.4g}")
             if checkpoint is not None:
                 checkpoints.save(
-                    {**training_state, "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                    {**training_state, "shuffle_rng": shuffle.get_state(), "loader_rng": source.shuffle_state(),
+                     "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                      "history": list(history), "epoch": epoch + 1, "epochs": epochs, "metadata": metadata or {}},
                     checkpoint,
@@ -312,43 +320,40 @@ def fit(
 
 def _run_epoch(
     state: TrainingState,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
     beta: Callable[[float], float],
     kl: str,
     step_hooks: list[Callable[[TrainingState], None]],
     diverged: Callable[[int, int, str], TrainingDiverged],
     objective: Callable[..., ElboTerms] = negative_elbo,
 ) -> torch.Tensor:
-    """One pass over x (N, ...), y (N,) in ``order`` (N,), with KL weight ``beta(epochs done)`` and KL estimator ``kl``;
-    ``objective``: ``negative_elbo`` (a BayesianNetwork), a ``PyroModuleElbo`` (a recognised PyroModule) or
-    ``traced_negative_elbo`` (any Pyro model).
+    """One pass over the epoch's ``batches`` ((B, ...) inputs and targets on ``device``, ``batches.epoch``), with KL
+    weight ``beta(epochs done)`` and KL estimator ``kl``; ``objective``: ``negative_elbo`` (a BayesianNetwork), a
+    ``PyroModuleElbo`` (a recognised PyroModule) or ``traced_negative_elbo`` (any Pyro model).
 
     Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
     step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
     steps and at the epoch's last step, before the step hooks run.
     """
     model, guide, optimizer = state.model, state.guide, state.optimizer
-    step_terms = torch.zeros(state.steps_per_epoch, 3, device=x.device)
-    totals = torch.zeros(3, device=x.device)
+    step_terms = torch.zeros(state.steps_per_epoch, 3, device=device)
+    totals = torch.zeros(3, device=device)
     checked = 0
-    for step in range(state.steps_per_epoch):
-        index = order[step * batch_size : (step + 1) * batch_size]
+    for step, (x, y) in enumerate(batches):
         kl_weight = beta(state.epoch + step / state.steps_per_epoch)
-        terms = objective(model, guide, x[index], y[index], kl_weight=kl_weight, kl=kl)
+        terms = objective(model, guide, x, y, kl_weight=kl_weight, kl=kl)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
         with torch.no_grad():
             step_terms[step] = torch.stack([terms.loss.detach(), terms.nll, terms.kl])
-            totals += step_terms[step] * len(index)
+            totals += step_terms[step] * len(x)
         if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 or step + 1 == state.steps_per_epoch:
             _check_step_terms(step_terms, checked, step + 1, state.epoch, diverged)
             checked = step + 1
         state.step, state.global_step = step, state.epoch * state.steps_per_epoch + step
-        state.batch, state.terms = (x[index], y[index]), terms
+        state.batch, state.terms = (x, y), terms
         for hook in step_hooks:
             hook(state)
     return totals

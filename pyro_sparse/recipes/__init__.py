@@ -50,6 +50,18 @@ class TrainedRun:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def training_data(config: dict[str, Any], dataset: Any) -> Any:
+    """What a recipe trains on: the train split in memory (fit and em_sghmc shuffle it themselves), or, with
+    ``--augment`` or ``--workers N`` > 0, a seeded ``DataLoader`` over it that augments colour images by random
+    crops and flips and reads batches in N worker processes (``loaders.training_loader``)."""
+    if not config.get("augment") and not config.get("workers"):
+        return dataset.train
+    from ..loaders import training_loader
+
+    return training_loader(dataset.train, config["batch_size"], augment=bool(config.get("augment")),
+                           workers=int(config.get("workers") or 0), seed=config["seed"])
+
+
 def recipe(method: str) -> ModuleType:
     """The recipe module of ``--method``; a ValueError names the available ones."""
     from . import em_sghmc, snr, ssvi, vi  # here, not at the top: the recipes import TrainedRun from this module

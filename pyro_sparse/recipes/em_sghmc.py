@@ -28,7 +28,7 @@ from ..metrics import total_flops
 from ..model import BayesianNetwork
 from ..posterior import Posterior
 from ..priors import SpikeAndSlab
-from . import CHECKPOINT, TrainedRun
+from . import CHECKPOINT, TrainedRun, training_data
 
 DEFAULT_LR = DEFAULT_STEP_SIZE  # the SGHMC step size ε (--lr), in preconditioned units
 OPTIONS: frozenset[str] = frozenset({"sparsity", "chains"})
@@ -64,7 +64,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     sparsity = 0.9 if config.get("sparsity") is None else config["sparsity"]
     chains = 2 if config.get("chains") is None else config["chains"]
     result = em_sghmc(
-        model, dataset.train, target_sparsity=sparsity, chains=chains, samples=config["samples"],
+        model, training_data(config, dataset), target_sparsity=sparsity, chains=chains, samples=config["samples"],
         epochs=config["epochs"], batch_size=config["batch_size"], step_size=config["lr"], seed=config["seed"],
         spike_scale=_spike_scale(config), checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
     )

@@ -29,7 +29,7 @@ from ..guides.snr import SNRPruned
 from ..infer.svi import fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
-from . import CHECKPOINT, TrainedRun
+from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate of the dense phase (and of the fine-tuning unless --finetune-lr)
@@ -57,7 +57,8 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     schedule = {"batch_size": config["batch_size"], "lr": config["lr"], "kl_weight": config["kl_weight"],
                 "device": config["device"], "seed": config["seed"], "resume": config["resume"], "metadata": config}
     guide = SNRPruned(model)
-    dense_history = fit(model, guide, dataset.train, epochs=config["epochs"], warmup_epochs=config["warmup_epochs"],
+    data = training_data(config, dataset)
+    dense_history = fit(model, guide, data, epochs=config["epochs"], warmup_epochs=config["warmup_epochs"],
                         checkpoint=out / DENSE_CHECKPOINT, **schedule)
     x_train, _ = as_tensors(dataset.train)
     dense_flops = training_flops_per_example(model, guide.active_counts(), x_train) * len(x_train)
@@ -73,7 +74,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     if epochs_ft > 0:
         finetune = {**schedule, "lr": config.get("finetune_lr") or config["lr"]}
         try:
-            ft_history = fit(model, guide, dataset.train, epochs=epochs_ft, checkpoint=out / CHECKPOINT, **finetune)
+            ft_history = fit(model, guide, data, epochs=epochs_ft, checkpoint=out / CHECKPOINT, **finetune)
         except TrainingDiverged as error:  # the fine-tuning's step size is --finetune-lr
             raise TrainingDiverged(error.where, error.what, "finetune_lr", error.checkpoint) from None
     else:

@@ -24,7 +24,7 @@ from ..guides.subspace import SparseSubspace, dense_trainable_bytes, trainable_b
 from ..infer.svi import fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
-from . import CHECKPOINT, TrainedRun
+from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate
@@ -47,8 +47,8 @@ def make_guide(config: dict[str, Any], model: BayesianNetwork) -> SparseSubspace
 def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out: Path) -> TrainedRun:
     guide = make_guide(config, model)
     history = fit(
-        model, guide, dataset.train, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
-        kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
+        model, guide, training_data(config, dataset), epochs=config["epochs"], batch_size=config["batch_size"],
+        lr=config["lr"], kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
         seed=config["seed"], checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
     )
     x_train, _ = as_tensors(dataset.train)

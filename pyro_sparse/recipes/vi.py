@@ -17,7 +17,7 @@ from ..guides.meanfield import MeanField
 from ..infer.svi import History, fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
-from . import CHECKPOINT, TrainedRun
+from . import CHECKPOINT, TrainedRun, training_data
 
 DEFAULT_LR = 5e-3  # Adam's learning rate
 OPTIONS: frozenset[str] = frozenset({"kl_weight", "warmup_epochs"})
@@ -27,8 +27,8 @@ CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out: Path) -> TrainedRun:
     guide = MeanField(model)
     history = fit(
-        model, guide, dataset.train, epochs=config["epochs"], batch_size=config["batch_size"], lr=config["lr"],
-        kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
+        model, guide, training_data(config, dataset), epochs=config["epochs"], batch_size=config["batch_size"],
+        lr=config["lr"], kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
         seed=config["seed"], checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
     )
     x_train, _ = as_tensors(dataset.train)
