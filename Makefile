@@ -25,7 +25,7 @@ demo: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	PYRO_SPARSE_SMOKE=1 $(BIN)/python -m pytest -q tests
+	PYRO_SPARSE_SMOKE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

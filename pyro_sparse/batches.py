@@ -23,9 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .data import as_tensors
+from .distributed import SINGLE_PROCESS, World
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,6 +42,7 @@ class TensorBatches:
         self.x, self.y, self.batch_size = x, y, batch_size
         self.dataset_size = len(x)
         self.steps_per_epoch = math.ceil(len(x) / batch_size)
+        self.world = SINGLE_PROCESS
 
     @property
     def example(self) -> Batch:
@@ -52,18 +54,36 @@ class TensorBatches:
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
+    def shard(self, world: World, seed: int) -> None:
+        """Split every step among the processes of ``world``: a step takes ``batch_size`` × K examples of the
+        shared permutation (every process draws the same one), and process r the r-th of K near-equal parts.
+        A last step with fewer than K examples is dropped (no process may get an empty batch)."""
+        self.world = world
+        per_step = self.batch_size * world.size
+        steps = math.ceil(self.dataset_size / per_step)
+        if self.dataset_size - (steps - 1) * per_step < world.size:
+            steps -= 1
+        if steps == 0:
+            raise ValueError(f"{self.dataset_size} examples are fewer than the {world.size} processes")
+        self.steps_per_epoch = steps
+
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        """The batches of one epoch, in the order of a permutation drawn from ``generator``."""
+        """The batches of one epoch, in the order of a permutation drawn from ``generator`` (over several
+        processes: this process's part of each step, ``shard``)."""
         order = torch.randperm(self.dataset_size, generator=generator).to(self.x.device)
+        per_step = self.batch_size * self.world.size
         for step in range(self.steps_per_epoch):
-            index = order[step * self.batch_size: (step + 1) * self.batch_size]
+            index = order[step * per_step: (step + 1) * per_step]
+            if self.world.active:
+                index = index.tensor_split(self.world.size)[self.world.rank]
             yield self.x[index], self.y[index]
 
     def shuffle_state(self) -> dict[str, Any]:
+        """Nothing of its own: the loop's generator draws the permutation."""
         return {}
 
     def load_shuffle_state(self, saved: dict[str, Any]) -> None:
-        pass
+        """Nothing to restore (``shuffle_state``)."""
 
 
 class LoaderBatches:
@@ -84,6 +104,8 @@ class LoaderBatches:
         self.loader = loader
         self.device = torch.device("cpu")
         self._example: Batch | None = None
+        self._sampler: DistributedSampler | None = None
+        self._epoch = 0
 
     @property
     def batch_size(self) -> int:
@@ -102,21 +124,41 @@ class LoaderBatches:
         self.device = torch.device(device)
         return self
 
+    def shard(self, world: World, seed: int) -> None:
+        """Read only this process's share of the data: the loader is rebuilt around a ``DistributedSampler``
+        (same dataset, batch size, workers and collation; shuffled, seeded by ``seed`` and the epoch, when
+        the loader shuffled)."""
+        loader = self.loader
+        shuffled = isinstance(loader.sampler, RandomSampler)
+        self._sampler = DistributedSampler(loader.dataset, num_replicas=world.size, rank=world.rank,
+                                           shuffle=shuffled, seed=seed % 2**31, drop_last=False)
+        self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=self._sampler,
+                                 num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                 pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                                 worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+        self.steps_per_epoch = len(self.loader)
+
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[Batch]:
         """The batches of one pass over the loader (``generator`` is unused: the loader shuffles)."""
         non_blocking = self.device.type == "cuda"
+        if self._sampler is not None:
+            self._sampler.set_epoch(self._epoch)
+        self._epoch += 1
         for batch in self.loader:
             x, y = _pair(batch)
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def shuffle_state(self) -> dict[str, Any]:
-        """The state of the loader's own generators (its ``generator`` and its sampler's), if it has any."""
-        return {name: generator.get_state() for name, generator in self._generators().items()}
+        """The state of the loader's own generators (its ``generator`` and its sampler's), if it has any, and
+        the number of epochs read (a ``DistributedSampler`` shuffles by epoch)."""
+        state: dict[str, Any] = {name: generator.get_state() for name, generator in self._generators().items()}
+        return {**state, "epochs_read": self._epoch}
 
     def load_shuffle_state(self, saved: dict[str, Any]) -> None:
         for name, generator in self._generators().items():
             if name in saved:
                 generator.set_state(saved[name])
+        self._epoch = int(saved.get("epochs_read", self._epoch))
 
     def _generators(self) -> dict[str, torch.Generator]:
         found = {"loader": getattr(self.loader, "generator", None),

@@ -26,6 +26,7 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors, sparse
+from .distributed import barrier, current_world
 from .errors import CheckpointError, TrainingDiverged
 from .evaluation import evaluate, summarize
 from .infer.svi import History
@@ -158,6 +159,8 @@ def _report(model: BayesianNetwork, run: TrainedRun, dataset: datasets.Dataset, 
         "seed": config["seed"], "prior": config["prior"], "batch_size": config["batch_size"], "lr": config["lr"],
         **{key: config[key] for key in ("kl_weight", "warmup_epochs") if config.get(key) is not None},
         "num_samples": config["samples"],
+        "world_size": config.get("world_size", 1),
+        "global_batch_size": config["batch_size"] * config.get("world_size", 1),
         **results,
         "train_flops": run.train_flops,
         "train_seconds": history[-1]["seconds"] if history else 0.0,
@@ -352,6 +355,14 @@ def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, An
         model.check_batch(*datasets.as_tensors(split))
     if config.get("augment"):
         check_augmentable(datasets.as_tensors(dataset.train)[0])
+    if config["device"] == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process
+        config["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    world = current_world(config["device"])  # under torchrun: one run over several processes (fit's data parallelism)
+    config["world_size"] = world.size
+    barrier(world)  # every process has checked the folder before process 0 writes in it
+    if not world.is_main:  # the others train alongside process 0 and write nothing
+        method.train(config, model, dataset, out)
+        return {}
     with RunFolder(out):
         if config.get("overwrite"):
             remove_outputs(out)
@@ -563,8 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.pop("command")
             started = time.perf_counter()
             record = train(config, given_options(sys.argv[1:] if argv is None else argv))
-            print(json.dumps(record, indent=2))
-            print(f"wrote {config['out']}/metrics.json in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            if record:  # empty on the processes other than 0 of a torchrun job: process 0 reports
+                print(json.dumps(record, indent=2))
+                print(f"wrote {config['out']}/metrics.json in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         elif args.command == "evaluate":
             print(json.dumps(evaluate_run(args.directory, args.samples, args.data_root), indent=2))
         else:

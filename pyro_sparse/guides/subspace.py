@@ -55,6 +55,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from ..distributed import current_world, mean_
 from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn, data_scale, log_prob_sum
 from ..validation import check_count, check_fraction
@@ -282,6 +283,9 @@ class SparseSubspace(MeanField):
         sites = self.compact_sites()
         counts = {name: min(round(fraction * site.num_active()), site.shape.numel() - site.num_active())
                   for name, site in sites.items()}
+        if "random" in (self.removal, self.growth) and current_world().active:
+            raise ValueError("a random removal or growth criterion would move each process's support differently; "
+                             "under torch.distributed use removal='snr' and growth='gradient' (the defaults)")
         use_gradient = self.growth == "gradient" and any(counts.values())
         if use_gradient and batch is None:
             raise ValueError('growth="gradient" needs the batch of the update')
@@ -334,6 +338,9 @@ class SparseSubspace(MeanField):
         with torch.enable_grad():
             loss = self._mean_network_loss(weights, model_args, per_example_of)
             grads = torch.autograd.grad(loss, [weights[name] for name in sites])
+        world = current_world()
+        for grad in grads:  # over several processes: the gradient of all their batches, the same on each
+            mean_(grad, world)
         return dict(zip(sites, grads, strict=True))
 
     def _mean_network_loss(self, weights: dict[str, torch.Tensor], model_args: tuple,

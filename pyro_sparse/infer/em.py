@@ -98,6 +98,9 @@ from .sghmc import Schedule, first_non_finite
 def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCResult:
     """Shuffle the data by epoch, step ``EMSGHMC`` through the plan, record, checkpoint and report."""
     config.check()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("em_sghmc and sample_sghmc run in one process: chains spread over torch.distributed "
+                         "processes are not built yet; launch without torchrun (fit runs data-parallel under it)")
     base_seed = check_seed(config.seed)
     base_seed = int(torch.randint(2**62, ()).item()) if base_seed is None else base_seed
     source = batch_source(data, config.batch_size)

@@ -21,6 +21,17 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
 from ..batches import TensorBatches, batch_source
+from ..distributed import (
+    SINGLE_PROCESS,
+    World,
+    any_,
+    average_gradients_,
+    broadcast_,
+    check_same,
+    current_world,
+    gather_objects,
+    sum_,
+)
 from ..errors import CheckpointError, TrainingDiverged
 from ..guides.meanfield import MeanField
 from ..model import BayesianNetwork
@@ -249,9 +260,22 @@ def fit(
     fused = negative_elbo if network else fused_objective(model, guide, example, n, kl)
     objective = fused or functools.partial(traced_negative_elbo, dataset_size=n)
     objective_name = "traced" if fused is None else "fused"
+    world = current_world(device)
+    base_seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
+    if world.active:  # one run over several processes: same settings, same start, one shared data order
+        check_same("fit's settings", {"epochs": epochs, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
+                                      "kl_weight": kl_weight, "warmup_epochs": warmup_epochs, "kl": kl, "seed": seed,
+                                      "dataset_size": n, "objective": objective_name,
+                                      "parameters": [(name, tuple(value.shape)) for name, value in
+                                                     guide.state_dict().items() if torch.is_tensor(value)]}, world)
+        base_seed = gather_objects(base_seed, world)[0]
+        broadcast_(_replicated_tensors(model, guide, own_params), world)
+        source.shard(world, base_seed)
     shuffle = torch.Generator()
-    shuffle.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
-    if seed is not None:
+    shuffle.manual_seed(base_seed)
+    if world.active:  # each process its own Monte Carlo noise
+        torch.manual_seed(_process_seed(base_seed, world.rank))
+    elif seed is not None:
         torch.manual_seed(seed)
 
     history, start_epoch, train_seconds, last_saved = History(), 0, 0.0, None
@@ -259,6 +283,12 @@ def fit(
         saved = checkpoints.load(checkpoint, map_location=device)
         _restore(saved, checkpoint, model, guide, optimizer, shuffle, own_params)
         source.load_shuffle_state(saved.get("loader_rng") or {})
+        if world.active:  # each process's own noise: as saved, or (another number of processes) seeded afresh
+            states = saved.get("process_rng") or []
+            if len(states) == world.size:
+                torch.set_rng_state(states[world.rank])
+            else:
+                torch.manual_seed(_process_seed(base_seed + saved["epoch"], world.rank))
         for group, group_lr in zip(optimizer.param_groups, (lr, scale_lr), strict=True):  # this call's, not the saved
             group["lr"] = group_lr
         history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
@@ -289,7 +319,9 @@ def fit(
                                   history=history, dataset_size=n)
             epoch_lr, epoch_scale_lr = (group["lr"] for group in optimizer.param_groups)
             started = time.perf_counter()
-            totals = _run_epoch(state, source.epoch(shuffle), device, beta, kl, step_hooks, diverged, objective)
+            totals = _run_epoch(state, source.epoch(shuffle), device, beta, kl, step_hooks, diverged, objective,
+                                world)
+            sum_(totals, world)
             train_seconds += time.perf_counter() - started
             loss, nll, kl_total = (totals / n).tolist()
             if not math.isfinite(loss):
@@ -306,11 +338,13 @@ def fit(
                             "lr": epoch_lr, "seconds": train_seconds, "scale_lr": epoch_scale_lr, "kl_estimator": kl,
                             "objective": objective_name, **sigma_columns(guide), **state.record})
             bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl_total:.4g}")
-            if checkpoint is not None:
+            process_rng = gather_objects(torch.get_rng_state(), world) if world.active else None
+            if checkpoint is not None and world.is_main:
                 checkpoints.save(
                     {**training_state, "shuffle_rng": shuffle.get_state(), "loader_rng": source.shuffle_state(),
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "process_rng": process_rng, "world_size": world.size,
                      "history": list(history), "epoch": epoch + 1, "epochs": epochs, "metadata": metadata or {}},
                     checkpoint,
                 )
@@ -327,6 +361,7 @@ def _run_epoch(
     step_hooks: list[Callable[[TrainingState], None]],
     diverged: Callable[[int, int, str], TrainingDiverged],
     objective: Callable[..., ElboTerms] = negative_elbo,
+    world: World = SINGLE_PROCESS,
 ) -> torch.Tensor:
     """One pass over the epoch's ``batches`` ((B, ...) inputs and targets on ``device``, ``batches.epoch``), with KL
     weight ``beta(epochs done)`` and KL estimator ``kl``; ``objective``: ``negative_elbo`` (a BayesianNetwork), a
@@ -334,9 +369,11 @@ def _run_epoch(
 
     Returns the (3,) sums over examples of the loss, nll and kl of each step's batch. The (steps, 3)
     step terms stay on the device and are checked for NaN / inf every ``DIVERGENCE_CHECK_EVERY``
-    steps and at the epoch's last step, before the step hooks run.
+    steps and at the epoch's last step, before the step hooks run. Over several processes (``world``) the
+    gradients are averaged before each optimizer step and the checks agree (all stop together).
     """
     model, guide, optimizer = state.model, state.guide, state.optimizer
+    trainable = [param for group in optimizer.param_groups for param in group["params"]]
     step_terms = torch.zeros(state.steps_per_epoch, 3, device=device)
     totals = torch.zeros(3, device=device)
     checked = 0
@@ -345,13 +382,16 @@ def _run_epoch(
         terms = objective(model, guide, x, y, kl_weight=kl_weight, kl=kl)
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
+        communicated = average_gradients_(trainable, world)
         optimizer.step()
         with torch.no_grad():
             step_terms[step] = torch.stack([terms.loss.detach(), terms.nll, terms.kl])
             totals += step_terms[step] * len(x)
         if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 or step + 1 == state.steps_per_epoch:
-            _check_step_terms(step_terms, checked, step + 1, state.epoch, diverged)
+            _check_step_terms(step_terms, checked, step + 1, state.epoch, diverged, world)
             checked = step + 1
+        if world.active:
+            state.record["allreduce_bytes_per_step"] = communicated
         state.step, state.global_step = step, state.epoch * state.steps_per_epoch + step
         state.batch, state.terms = (x, y), terms
         for hook in step_hooks:
@@ -369,15 +409,34 @@ def sigma_columns(guide: MeanField) -> dict[str, float]:
 
 
 def _check_step_terms(step_terms: torch.Tensor, start: int, stop: int, epoch: int,
-                      diverged: Callable[[int, int, str], TrainingDiverged]) -> None:
+                      diverged: Callable[[int, int, str], TrainingDiverged], world: World = SINGLE_PROCESS) -> None:
     """Raise ``diverged`` at the first of steps [start, stop) whose row (loss, nll, kl) of
-    ``step_terms`` (steps, 3) holds a NaN or an infinity."""
+    ``step_terms`` (steps, 3) holds a NaN or an infinity (on every process when one finds one)."""
     finite = torch.isfinite(step_terms[start:stop]).all(dim=1)
-    if bool(finite.all()):
+    here = bool(finite.all())
+    if not any_(not here, world, step_terms.device):
         return
+    if here:
+        raise diverged(epoch, stop - 1, "another process's loss is not finite")
     first = start + int((~finite).nonzero()[0])
     loss, nll, kl = step_terms[first].tolist()
     raise diverged(epoch, first, f"the loss is {loss} (nll {nll}, kl {kl})")
+
+
+def _replicated_tensors(model, guide: MeanField, own_params: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    """Everything that must be equal on every process at the start: the guide's and the model's parameters
+    and buffers (masks, supports, a BatchNorm's statistics)."""
+    tensors = [*guide.parameters(), *guide.buffers()]
+    if isinstance(model, torch.nn.Module):
+        tensors += [*model.parameters(), *model.buffers()]
+    tensors += list((own_params or {}).values())
+    unique = {id(tensor): tensor for tensor in tensors}
+    return list(unique.values())
+
+
+def _process_seed(base_seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s Monte Carlo noise (each process draws its own)."""
+    return (base_seed + 1_000_003 * (rank + 1)) % 2**63
 
 
 def _training_state(model: BayesianNetwork, guide: MeanField, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,63 @@
+"""Run by tests/test_distributed.py, under ``torchrun`` (several processes) or alone: ``ps.fit`` of the three
+VI methods on digits, each process saving what it ends with to OUT/<method>-rank<r>.pt.
+
+    python tests/distributed_fit.py OUT BATCH EPOCHS [--methods vi,snr,ssvi] [--die-after EPOCH] [--resume]
+
+Each process starts from a different random initialisation (``torch.manual_seed(rank)``): ``fit`` must make
+them equal (process 0's). ``--die-after E`` makes process 1 exit hard at the end of epoch E, before its
+checkpoint; ``--disagree`` gives process 1 another learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import pyro_sparse as ps
+
+
+def guide_for(method: str, model: ps.BayesianNetwork):
+    if method == "vi":
+        return ps.MeanField(model)
+    if method == "snr":
+        return ps.SNRPruned(model)
+    return ps.SparseSubspace(model, density=0.3, update_every=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("epochs", type=int)
+    parser.add_argument("--methods", default="vi,snr,ssvi")
+    parser.add_argument("--die-after", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--disagree", action="store_true", help="process 1 asks for another learning rate")
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    data = ps.data.load("digits")
+    for method in args.methods.split(","):
+        torch.manual_seed(rank)
+        model = ps.BayesianNetwork(ps.nets.mlp(64, (32,), 10), dataset_size=len(data.train))
+        guide = guide_for(method, model)
+
+        def die(state, method=method):
+            if args.die_after is not None and rank == 1 and state.epoch + 1 == args.die_after:
+                os._exit(3)  # after this epoch's hooks, before its checkpoint: the last good one is epoch - 1
+
+        lr = 0.02 if args.disagree and rank == 1 else 0.01
+        history = ps.fit(model, guide, data.train, epochs=args.epochs, batch_size=args.batch, lr=lr, seed=0,
+                         checkpoint=args.out / f"{method}.pt", resume=args.resume, callbacks=[die])
+        if method == "snr":
+            guide.prune(sparsity=0.5)
+        model.eval()
+        accuracy = ps.evaluate(model, guide, data.test, num_samples=16)["accuracy"]
+        torch.save({"guide": guide.state_dict(), "model": model.state_dict(), "loss": history.column("loss"),
+                    "masks": guide.masks(), "accuracy": accuracy}, args.out / f"{method}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
