@@ -13,10 +13,17 @@
 (e) ``ps.fit``'s step on the same idiom, the fused fast path ``fit`` takes for it (``infer.pyromodule_elbo``:
     closed-form KL, local reparameterization for Linear layers, the likelihood from the model's own site).
 
-Steps of all variants are interleaved in rounds so machine noise hits them alike; the median over
-rounds is reported. Prints a table with the ratios (b)/(a), (c)/(b), (d)/(b), (e)/(b) and writes JSON.
+Width sweep (issue 13): mlp 784-W-W-10 for W in ``--widths``, (a) and (b) side by side, and
 
-    .venv/bin/python benchmarks/step_time.py [--steps 60] [--out benchmarks/results/step_time.json]
+(f) the floor of any exact dense-VI step with local reparameterization: the two products per Linear layer
+    (x·μ and x²·σ²) and Adam over two tensors per weight (μ and a log-variance, σ² = exp of it: one pass
+    per weight), no softplus, no KL: what (b) would cost if its per-weight elementwise work were free.
+
+Steps of all variants are interleaved in rounds so machine noise hits them alike; the median over
+rounds is reported. Prints tables with the ratios (b)/(a), (c)/(b), (d)/(b), (e)/(b), (f)/(a) and writes JSON.
+
+    .venv/bin/python benchmarks/step_time.py [--steps 60] [--widths 128,400,1024,2048] [--sweep-steps 20]
+                                             [--out benchmarks/results/step_time.json]
 """
 
 from __future__ import annotations
@@ -109,6 +116,25 @@ def ours_step(model, guide, optimizer, x, y):
     optimizer.step()
 
 
+def floor_step(model, moments, optimizer, x, y):
+    """(f): the network's output with local reparameterization from the (μ, log σ²) leaves in ``moments``."""
+    optimizer.zero_grad(set_to_none=True)
+    output = model.apply(x, None, {name: (loc, log_var.exp()) for name, (loc, log_var) in moments.items()})
+    (-model.likelihood.log_prob(output, y).mean()).backward()
+    optimizer.step()
+
+
+def floor_model(make_net, dataset_size: int, device: torch.device):
+    """A BayesianNetwork of ``make_net()`` with (μ, log σ²) leaves per site for ``floor_step``, an Adam over them."""
+    model = ps.BayesianNetwork(make_net(), dataset_size=dataset_size).to(device)
+    guide = ps.MeanField(model).to(device)
+    with torch.no_grad():
+        moments = {site: (q.loc.detach().clone().requires_grad_(), q.var.log().detach().requires_grad_())
+                   for site, q in guide.moments_and_kl(model.prior)[0].items()}
+    optimizer = make_adam([tensor for pair in moments.values() for tensor in pair] + list(model.parameters()), 1e-3)
+    return model, moments, optimizer
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -175,14 +201,58 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
     return result
 
 
+def sweep_width(width: int, steps: int, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
+    """(a), (b) and (f) for the mlp 784-W-W-10, interleaved."""
+    def make_net():
+        return ps.nets.mlp(784, (width, width), 10)
+
+    net = make_net().to(device)
+    plain_opt = make_adam(list(net.parameters()), 1e-3)
+    model = ps.BayesianNetwork(make_net(), dataset_size=60000).to(device)
+    guide = ps.MeanField(model).to(device)
+    ours_opt = make_adam([*guide.parameters(), *model.parameters()], 1e-3)
+    floor = floor_model(make_net, 60000, device)
+    runs = {"plain_ms": lambda: plain_step(net, plain_opt, x, y),
+            "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
+            "floor_ms": lambda: floor_step(*floor, x, y)}
+    for fn in runs.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(steps):
+        for key, fn in runs.items():
+            times[key].append(timed(fn))
+    result = {key: statistics.median(values) for key, values in times.items()}
+    result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
+    result["floor_over_plain"] = result["floor_ms"] / result["plain_ms"]
+    return result
+
+
+def sweep(widths: list[int], steps: int, batch_size: int, device: torch.device) -> dict:
+    """``sweep_width`` at every width, printing a row each."""
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    results = {}
+    for width in widths:
+        name = f"mlp 784-{width}-{width}-10"
+        result = results[name] = sweep_width(width, steps, x, y, device)
+        print(f"{name:<22} {result['plain_ms']:>10.2f} {result['ours_ms']:>10.2f} {result['floor_ms']:>10.2f} "
+              f"{result['ours_over_plain']:>8.2f} {result['floor_over_plain']:>8.2f}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--widths", default="128,400,1024,2048", help="mlp widths of the sweep ('' for none)")
+    parser.add_argument("--sweep-steps", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/step_time.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    widths = [int(width) for width in args.widths.split(",") if width]
 
     results = {name: benchmark(name, args.steps, args.batch_size, device) for name in NETS}
     header = (f"{'network':<20} {'(a) plain':>10} {'(b) ours':>10} {'(b´) draws':>11} {'(b´´) s&s':>10} "
@@ -196,11 +266,17 @@ def main() -> None:
               f"{r['pyro_svi_ms']:>13.2f} {r['pyro_idiom_fit_ms']:>10.2f} {r['pyro_idiom_fused_ms']:>10.2f} "
               f"{r['ours_over_plain']:>8.2f} {r['weight_draws_over_plain']:>9.2f} {r['pyro_over_ours']:>8.2f} "
               f"{r['pyro_over_plain']:>8.2f} {r['idiom_over_ours']:>8.2f} {r['fused_idiom_over_ours']:>8.2f}")
+    swept = {}
+    if widths:
+        print(f"\nwidth sweep: ms per training step, batch {args.batch_size}, {device}, "
+              f"median of {args.sweep_steps} interleaved rounds")
+        print(f"{'network':<22} {'(a) plain':>10} {'(b) ours':>10} {'(f) floor':>10} {'(b)/(a)':>8} {'(f)/(a)':>8}")
+        swept = sweep(widths, args.sweep_steps, args.batch_size, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch_size": args.batch_size, "device": str(device), "steps": args.steps,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "results": results, "width_sweep": swept}, indent=2))
     print(f"wrote {out}")
 
 

@@ -43,17 +43,18 @@ class Prior(nn.Module):
         raise NotImplementedError
 
     def second_moment_kl(
-        self, second_moment: torch.Tensor, mask: torch.Tensor | None
+        self, loc: torch.Tensor, var: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For priors that are mixtures of zero-mean Gaussians, KL(N(μ, σ²) ‖ p) = g(μ² + σ²) − log σ.
 
         Args:
-            second_moment: q = μ² + σ² per weight (any shape).
+            loc, var: μ and σ² per weight (any shape, zero where masked).
             mask: float 0/1 of the same shape (None: all weights active).
 
         Returns:
-            (Σ over active weights of g(q), g′(q)) — a 0-dim tensor and a tensor broadcastable to q.
-            Used, without autograd, by the fused kernel ``guides.fused.SoftplusKL``.
+            (Σ over active weights of g(q), g′(q)), q = μ² + σ² — a 0-dim tensor and a tensor
+            broadcastable to q (0-dim when g is linear). Used, without autograd, by the fused kernel
+            ``guides.fused.SoftplusKL``.
         """
         raise NotImplementedError(f"{type(self).__name__} has no second-moment form of its KL")
 
@@ -92,12 +93,14 @@ class Gaussian(Prior):
         return kl_normal_normal(loc, scale, self.scale)
 
     def second_moment_kl(
-        self, second_moment: torch.Tensor, mask: torch.Tensor | None
+        self, loc: torch.Tensor, var: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # g(q) = q / (2σₚ²) + log σₚ − 1/2, zero where masked since q = 0 there
-        active = second_moment.numel() if mask is None else mask.sum()
+        # g(q) = q / (2σₚ²) + log σₚ − 1/2, zero where masked since q = 0 there; Σ q = Σ σ² + μ·μ
+        # without forming q (no pass that writes a tensor)
+        active = var.numel() if mask is None else mask.sum()
         slope = 0.5 / self.scale**2
-        return slope * second_moment.sum() + active * (self.scale.log() - 0.5), slope
+        flat_loc = loc.reshape(-1)
+        return slope * (var.sum() + torch.dot(flat_loc, flat_loc)) + active * (self.scale.log() - 0.5), slope
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):g}"
@@ -151,8 +154,9 @@ class SpikeAndSlab(Prior):
         return kl_normal_to_spike_and_slab(loc, scale, self.slab_scale, self.spike_scale, self.inclusion)
 
     def second_moment_kl(
-        self, second_moment: torch.Tensor, mask: torch.Tensor | None
+        self, loc: torch.Tensor, var: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        second_moment = torch.addcmul(var, loc, loc)
         # The bound −log Σₖ πₖ exp(−KLₖ) with KLₖ = q / (2σₖ²) + log σₖ − 1/2 − log σ is
         # g(q) − log σ with g(q) = −1/2 − logaddexp(t₁, t₀), tₖ = log πₖ − log σₖ − q / (2σₖ²).
         # logaddexp(t₁, t₀) = t₀ + softplus(d), d = t₁ − t₀, and g′(q) = γ/(2σ₁²) + (1 − γ)/(2σ₀²),

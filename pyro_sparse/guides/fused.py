@@ -7,9 +7,16 @@ prior supplies with its slope (``Prior.second_moment_kl``). ``SoftplusKL`` compu
 
     ∂KL/∂μ = 2 g′(q) μ,   ∂KL/∂σ = 2 g′(q) σ − 1/σ,   ∂σ/∂ρ = sigmoid(ρ),   q = μ² + σ².
 
-That is about 20 passes over the weights per step instead of the 35–70 that autograd records for
-the same expressions, which dominate a CPU training step of a mean-field network (see
-benchmarks/step_time.py).
+``MomentsKL`` is the same node that also hands μ on (as an output), so that the gradient flowing back
+into μ from the network and the KL's are summed in its backward instead of in one more pass.
+
+Passes over the weights of a dense site per step (Gaussian prior; "fresh" = a newly allocated tensor,
+which on CPU costs page faults on top of the pass, several times the cost of an in-place pass for
+megabyte-sized sites): forward clamp (fresh), sigmoid (fresh), exp and log1p in place, log σ (fresh),
+its sum, σ² into log σ's buffer, Σ σ², μ·μ: 9 passes, 3 fresh; backward 2 ∂L/∂σ² + 2 g′ ∂L/∂KL
+(fresh), × σ, − ∂L/∂KL / σ, × sigmoid, ∂L/∂μ (fresh): 5 passes, 2 fresh, and none to add the two
+gradients of μ. The first version of this kernel made 13 passes, 8 fresh, forward and 8, 4 backward
+(plus one to add μ's gradients); the autograd formulas about 35 passes and 20 fresh tensors.
 """
 
 from __future__ import annotations
@@ -24,8 +31,41 @@ RHO_MIN, RHO_MAX = -15.0, 20.0
 
 class SecondMomentKL(Protocol):
     def second_moment_kl(
-        self, second_moment: torch.Tensor, mask: torch.Tensor | None
+        self, loc: torch.Tensor, var: torch.Tensor, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _moments_forward(ctx, loc: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor | None, prior: SecondMomentKL):
+    """(σ, σ², KL) of ``SoftplusKL``; saves what its backward needs on ``ctx``."""
+    clamped = rho.detach().clamp(RHO_MIN, RHO_MAX)
+    sigmoid = torch.sigmoid(clamped)
+    full_scale = clamped.exp_().log1p_()  # softplus, in the clamp's buffer
+    buffer = torch.log(full_scale)
+    flat_log_scale = buffer.reshape(-1)
+    log_scale_sum = flat_log_scale.sum() if mask is None else torch.dot(flat_log_scale, mask.reshape(-1))
+    scale = full_scale if mask is None else full_scale * mask
+    var = torch.mul(scale, scale, out=buffer)  # log σ is summed: its buffer takes σ²
+    kl_without_entropy, slope = prior.second_moment_kl(loc, var, mask)
+    ctx.save_for_backward(loc, scale, full_scale, sigmoid, slope, mask)
+    ctx.set_materialize_grads(False)
+    return scale, var, kl_without_entropy - log_scale_sum
+
+
+def _moments_backward(ctx, grad_loc, grad_scale, grad_var, grad_kl) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(∂/∂μ, ∂/∂ρ) of ``SoftplusKL``'s outputs, plus ``grad_loc`` (the gradient reaching μ from elsewhere)."""
+    loc, scale, full_scale, sigmoid, slope, mask = ctx.saved_tensors
+    if grad_kl is None:
+        grad_kl = scale.new_zeros(())
+    twice_slope = slope * (2.0 * grad_kl)  # 2 g′(q) ∂L/∂KL: 0-dim (Gaussian) or per weight
+    # ∂L/∂σ = σ (2 ∂L/∂σ² + 2 g′ ∂L/∂KL) − ∂L/∂KL / σ + ∂L/∂σ (direct), then × mask, × sigmoid(ρ)
+    grad = scale * twice_slope if grad_var is None else torch.add(twice_slope, grad_var, alpha=2.0).mul_(scale)
+    grad.addcdiv_(grad_kl.expand_as(full_scale), full_scale, value=-1.0)
+    if grad_scale is not None:
+        grad.add_(grad_scale)
+    if mask is not None:
+        grad.mul_(mask)
+    grad_mu = loc * twice_slope if grad_loc is None else torch.addcmul(grad_loc, loc, twice_slope)
+    return grad_mu, grad.mul_(sigmoid)
 
 
 class SoftplusKL(torch.autograd.Function):
@@ -38,36 +78,31 @@ class SoftplusKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loc: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor | None, prior: SecondMomentKL):
-        full_scale, sigmoid = _softplus_and_sigmoid(rho)
-        scale = full_scale if mask is None else full_scale * mask
-        var = scale * scale
-        second_moment = torch.addcmul(var, loc, loc)
-        kl_without_entropy, slope = prior.second_moment_kl(second_moment, mask)
-        log_scale = full_scale.log()
-        log_scale_sum = log_scale.sum() if mask is None else torch.dot(log_scale.reshape(-1), mask.reshape(-1))
-        ctx.save_for_backward(loc, scale, full_scale, sigmoid, slope, mask)
-        ctx.set_materialize_grads(False)
-        return scale, var, kl_without_entropy - log_scale_sum
+        return _moments_forward(ctx, loc, rho, mask, prior)
 
     @staticmethod
     def backward(ctx, grad_scale, grad_var, grad_kl):
-        loc, scale, full_scale, sigmoid, slope, mask = ctx.saved_tensors
-        grad = torch.zeros_like(scale) if grad_scale is None else grad_scale.clone()
-        if grad_var is not None:
-            grad.addcmul_(grad_var, scale, value=2.0)
-        grad_loc = None
-        if grad_kl is not None:
-            twice_slope = slope * (2.0 * grad_kl)
-            grad.addcmul_(scale, twice_slope).sub_(grad_kl / full_scale)
-            grad_loc = loc * twice_slope
-        if mask is not None:
-            grad.mul_(mask)
-        return grad_loc, grad.mul_(sigmoid), None, None
+        return (*_moments_backward(ctx, None, grad_scale, grad_var, grad_kl), None, None)
 
 
-def softplus_kl(loc: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor | None, prior: SecondMomentKL):
-    """See ``SoftplusKL``: returns (σ, σ², Σ KL)."""
-    return SoftplusKL.apply(loc, rho, mask, prior)
+class MomentsKL(torch.autograd.Function):
+    """(μ, ρ, mask, prior) -> (μ, σ, σ², KL): ``SoftplusKL`` that also returns μ (a view of the input) for
+    use downstream; the gradient reaching that output is added to the KL's in the same backward pass."""
+
+    @staticmethod
+    def forward(ctx, loc: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor | None, prior: SecondMomentKL):
+        return (loc.view_as(loc), *_moments_forward(ctx, loc, rho, mask, prior))
+
+    @staticmethod
+    def backward(ctx, grad_loc, grad_scale, grad_var, grad_kl):
+        return (*_moments_backward(ctx, grad_loc, grad_scale, grad_var, grad_kl), None, None)
+
+
+def softplus_kl(
+    loc: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor | None, prior: SecondMomentKL
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See ``MomentsKL``: returns (μ to use downstream, σ, σ², Σ KL)."""
+    return MomentsKL.apply(loc, rho, mask, prior)
 
 
 def _softplus_and_sigmoid(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

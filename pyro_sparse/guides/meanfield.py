@@ -114,7 +114,7 @@ class MeanFieldSite(nn.Module):
         if type(prior).second_moment_kl is not Prior.second_moment_kl:
             mask = None if dense else self.mask.to(self.loc.dtype)
             loc = self.loc if dense else self.loc * mask
-            scale, var, kl = softplus_kl(loc, self.rho, mask, prior)
+            loc, scale, var, kl = softplus_kl(loc, self.rho, mask, prior)
             return SiteMoments(loc, scale, var, None if dense else self.mask), kl
         loc, scale, mask = self.variational()
         return SiteMoments(loc, scale, scale * scale, mask), prior.total_kl(loc, scale, mask)
@@ -182,14 +182,15 @@ class CompactSite(nn.Module):
 
     def moments_and_kl(self, prior: Prior) -> tuple[SiteMoments, torch.Tensor]:
         """Dense moments (scattered from the k values) and Σ KL(q ‖ p) over the k active weights."""
+        loc = self.loc
         if type(prior).second_moment_kl is not Prior.second_moment_kl:
-            scale, var, kl = softplus_kl(self.loc, self.rho, None, prior)
+            loc, scale, var, kl = softplus_kl(loc, self.rho, None, prior)
         else:
             scale = self.scale()
-            var, kl = scale * scale, prior.kl(self.loc, scale).sum()
+            var, kl = scale * scale, prior.kl(loc, scale).sum()
         mask = None if self.is_dense() else self.mask
         # one scatter for μ, σ and σ² together (three would cost three launches forward and backward)
-        stacked = torch.stack([self.loc, scale, var])
+        stacked = torch.stack([loc, scale, var])
         dense = stacked.new_zeros(3, self._shape.numel()).index_copy(1, self.index, stacked)
         loc, scale, var = dense.view(3, *self._shape).unbind(0)
         return SiteMoments(loc, scale, var, mask), kl
