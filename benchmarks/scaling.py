@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 METHODS = {"dense VI": "vi", "SSVI 0.1": "ssvi"}
-NETWORKS = [(1e9 / 8, "10 Gb/s Ethernet", 20e-6), (100e9 / 8, "100 Gb/s InfiniBand", 2e-6)]
+NETWORKS = [(10e9 / 8, "10 Gb/s Ethernet", 20e-6), (100e9 / 8, "100 Gb/s InfiniBand", 2e-6)]
 
 
 def worker(method: str, epochs: int, out: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as checkpoints
 from . import data as datasets
 from . import likelihoods, metrics, nets, plots, priors, sparse
-from .distributed import barrier, current_world
+from .distributed import barrier, current_world, finish
 from .errors import CheckpointError, TrainingDiverged
 from .evaluation import evaluate, summarize
 from .infer.svi import History
@@ -362,6 +362,7 @@ def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, An
     barrier(world)  # every process has checked the folder before process 0 writes in it
     if not world.is_main:  # the others train alongside process 0 and write nothing
         method.train(config, model, dataset, out)
+        finish(world)
         return {}
     with RunFolder(out):
         if config.get("overwrite"):
@@ -370,7 +371,9 @@ def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, An
         History(run.history).to_csv(out / "history.csv")
         if run.history and "loss" in run.history[0]:
             plots.training_curve(run.history, out / "training_curve.png")
-        return _report(model, run, dataset, config, out)
+        record = _report(model, run, dataset, config, out)
+    finish(world)
+    return record
 
 
 def evaluate_run(directory: str, samples: int | None = None, data_root: str | None = None) -> dict[str, Any]:

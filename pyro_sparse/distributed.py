@@ -149,5 +149,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def finish(world: World) -> None:
+    """End a program's part in the process group: wait for every process (process 0 may still be writing),
+    then leave the group, so no process exits while the others' connections are open."""
+    if world.active:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 __all__ = ["SINGLE_PROCESS", "TIMEOUT_SECONDS", "World", "any_", "average_gradients_", "barrier", "broadcast_",
-           "check_same", "current_world", "gather_objects", "mean_", "sum_"]
+           "check_same", "current_world", "finish", "gather_objects", "mean_", "sum_"]

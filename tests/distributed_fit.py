@@ -57,6 +57,9 @@ def main() -> None:
         accuracy = ps.evaluate(model, guide, data.test, num_samples=16)["accuracy"]
         torch.save({"guide": guide.state_dict(), "model": model.state_dict(), "loss": history.column("loss"),
                     "masks": guide.masks(), "accuracy": accuracy}, args.out / f"{method}-rank{rank}.pt")
+    if torch.distributed.is_initialized():  # leave the group together (a process exiting alone may abort)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
