@@ -141,6 +141,18 @@ def timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def interleaved_medians(runs: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Median ms of each step function in ``runs``, their steps interleaved in rounds (after ``warmup`` of each)."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for _ in range(steps):
+        for key, fn in runs.items():
+            times[key].append(timed(fn))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28, device=device)
@@ -184,14 +196,7 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
         "pyro_idiom_fit_ms": lambda: idiom_step(idiom, idiom_guide, idiom_opt, x, y, dataset_size),
         "pyro_idiom_fused_ms": lambda: fused_idiom_step(fast_objective, fast_idiom, fast_guide, fast_opt, x, y),
     }
-    for fn in runs.values():  # warm-up
-        for _ in range(5):
-            fn()
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(steps):
-        for key, fn in runs.items():
-            times[key].append(timed(fn))
-    result = {key: statistics.median(values) for key, values in times.items()}
+    result = interleaved_medians(runs, steps, warmup=5)
     result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
     result["pyro_over_ours"] = result["pyro_svi_ms"] / result["ours_ms"]
     result["weight_draws_over_plain"] = result["ours_weight_draws_ms"] / result["plain_ms"]
@@ -215,14 +220,7 @@ def sweep_width(width: int, steps: int, x: torch.Tensor, y: torch.Tensor, device
     runs = {"plain_ms": lambda: plain_step(net, plain_opt, x, y),
             "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
             "floor_ms": lambda: floor_step(*floor, x, y)}
-    for fn in runs.values():
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(steps):
-        for key, fn in runs.items():
-            times[key].append(timed(fn))
-    result = {key: statistics.median(values) for key, values in times.items()}
+    result = interleaved_medians(runs, steps, warmup=3)
     result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
     result["floor_over_plain"] = result["floor_ms"] / result["plain_ms"]
     return result
