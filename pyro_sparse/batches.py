@@ -68,9 +68,13 @@ class TensorBatches:
         self.steps_per_epoch = steps
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        """The batches of one epoch, in the order of a permutation drawn from ``generator`` (over several
-        processes: this process's part of each step, ``shard``)."""
+        """The batches of one epoch, in the order of a permutation drawn from ``generator`` now (not at the
+        first batch: loops that open one epoch per chain draw the chains' orders in chain order), over several
+        processes this process's part of each step (``shard``)."""
         order = torch.randperm(self.dataset_size, generator=generator).to(self.x.device)
+        return self._batches(order)
+
+    def _batches(self, order: torch.Tensor) -> Iterator[Batch]:
         per_step = self.batch_size * self.world.size
         for step in range(self.steps_per_epoch):
             index = order[step * per_step: (step + 1) * per_step]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyro_sparse as ps
 from pyro_sparse import checkpoint
 
 SCRIPT = Path(__file__).with_name("distributed_fit.py")
@@ -104,11 +103,40 @@ def test_processes_that_disagree_on_the_settings_stop_with_a_clear_error(tmp_pat
     assert "the processes disagree on fit's settings" in done.stderr and "'lr': 0.02" in done.stderr
 
 
-def test_em_sghmc_says_it_runs_in_one_process(monkeypatch, digits):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    model = ps.BayesianNetwork(ps.nets.mlp(64, (8,), 10), prior=ps.priors.SpikeAndSlab(), dataset_size=100)
-    with pytest.raises(ValueError, match="run in one process.*launch without torchrun"):
-        ps.em_sghmc(model, digits.subsample(train=100, test=10).train, epochs=2, samples=1)
+def em_result(out: Path, rank: int) -> dict:
+    return torch.load(out / f"em-rank{rank}.pt", weights_only=True)
+
+
+def test_em_sghmc_deals_its_chains_to_the_processes_and_matches_one_process(tmp_path):
+    """4 chains on 2 processes (chains 0, 2 and 1, 3), the E/M-step pooled by an all-reduce of the statistics:
+    both processes end with the whole result, and it is the one-process run's (chain c starts, shuffles and
+    draws its noise as chain c of one process; measured bit-identical, asserted to 1e-5)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir(), one.mkdir()
+    assert launch(two, "50", "6", "--methods", "em").returncode == 0
+    assert launch(one, "50", "6", "--methods", "em", processes=1).returncode == 0
+    first, second, alone = em_result(two, 0), em_result(two, 1), em_result(one, 0)
+    for name, draws in first["samples"].items():
+        assert torch.equal(draws, second["samples"][name]), name
+        assert draws.shape[0] == 16 and torch.allclose(draws, alone["samples"][name], atol=1e-5), name
+    assert tensors_equal(first["masks"], alone["masks"]) and tensors_equal(first["prior"], second["prior"])
+    for name, value in first["prior"].items():
+        assert float(value) == pytest.approx(float(alone["prior"][name]), rel=1e-5), name
+    assert first["history"] == pytest.approx(alone["history"], rel=1e-5)
+    assert sum(int(mask.sum()) for mask in first["masks"].values()) < 0.55 * sum(
+        mask.numel() for mask in first["masks"].values())  # the ramp to 50 % sparsity ran on every chain
+    # a process dies after epoch 3's checkpoint; --resume with 2 processes, and with 1, ends where the run would
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    assert launch(killed, "50", "6", "--methods", "em", "--die-after", "3").returncode != 0
+    assert checkpoint.load(killed / "em.pt")["epoch"] == 3
+    shutil.copytree(killed, tmp_path / "killed-one")
+    assert launch(killed, "50", "6", "--methods", "em", "--resume").returncode == 0
+    resumed_alone = launch(tmp_path / "killed-one", "50", "6", "--methods", "em", "--resume", processes=1)
+    assert resumed_alone.returncode == 0, resumed_alone.stderr[-3000:]
+    for resumed in (em_result(killed, 1), em_result(tmp_path / "killed-one", 0)):
+        for name, draws in resumed["samples"].items():
+            assert torch.allclose(draws, first["samples"][name], atol=1e-5), name
 
 
 def test_the_cli_trains_under_torchrun_and_process_0_reports(tmp_path):

@@ -78,6 +78,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as checkpoints
 from ..batches import TensorBatches, batch_source
+from ..distributed import broadcast_, check_same, current_world, gather_objects, sum_
 from ..errors import CheckpointError, TrainingDiverged
 from ..model import BayesianNetwork
 from ..posterior import Posterior
@@ -98,9 +99,6 @@ from .sghmc import Schedule, first_non_finite
 def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCResult:
     """Shuffle the data by epoch, step ``EMSGHMC`` through the plan, record, checkpoint and report."""
     config.check()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("em_sghmc and sample_sghmc run in one process: chains spread over torch.distributed "
-                         "processes are not built yet; launch without torchrun (fit runs data-parallel under it)")
     base_seed = check_seed(config.seed)
     base_seed = int(torch.randint(2**62, ()).item()) if base_seed is None else base_seed
     source = batch_source(data, config.batch_size)
@@ -108,7 +106,15 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
     whole = isinstance(model, BayesianNetwork) and isinstance(source, TensorBatches)  # check every example
     target = sampling_target(model, config.em, *((source.x, source.y) if whole else source.example), dataset_size=n)
     source.to(target.device)
-    kernel = EMSGHMC(target, config, dataset_size=n, steps_per_epoch=source.steps_per_epoch)
+    world = current_world(target.device)  # under torchrun: the chains are dealt out to the processes
+    if world.active:
+        settings = {key: getattr(value, "__qualname__", None) or str(value) if callable(value) else value
+                    for key, value in vars(config).items() if key not in ("callback", "progress", "metadata")}
+        check_same("em_sghmc's settings", {**settings, "checkpoint": str(config.checkpoint), "n": n}, world)
+        base_seed = gather_objects(base_seed, world)[0]
+        if isinstance(model, torch.nn.Module):  # every process starts from process 0's model (chain 0, σ₀)
+            broadcast_([*model.parameters(), *model.buffers()], world)
+    kernel = EMSGHMC(target, config, dataset_size=n, steps_per_epoch=source.steps_per_epoch, world=world)
     plan = kernel.plan
     state = kernel.init(base_seed)
     shuffle = torch.Generator().manual_seed(base_seed)
@@ -117,11 +123,14 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
     checkpoint = config.checkpoint
     if config.resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=target.device)
-        _load_chains(state.chains, saved, checkpoint, config.em)
+        _load_chains(state.chains, saved, checkpoint, config.em, config.chains)
         if state.shared is not None:
             state.shared.load_state_dict(saved["em"])
         shuffle.set_state(saved["shuffle_rng"])
-        if saved.get("torch_rng") is not None:  # a DataLoader shuffles with torch's global RNG
+        process_rng = saved.get("process_rng") or []
+        if len(process_rng) == world.size:  # a DataLoader shuffles with torch's global RNG
+            torch.set_rng_state(process_rng[world.rank])
+        elif saved.get("torch_rng") is not None:
             torch.set_rng_state(saved["torch_rng"])
         source.load_shuffle_state(saved.get("loader_rng") or {})
         history, start_epoch, last_saved = saved["history"], saved["epoch"], checkpoint
@@ -137,7 +146,9 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
     target.train()
     for epoch in bar:
         started = time.perf_counter()
-        per_chain = [source.epoch(shuffle) for _ in state.chains]  # each chain its own order of the data
+        # each chain its own order of the data, drawn for every chain in chain order (as in one process)
+        orders = [source.epoch(shuffle) for _ in range(config.chains)]
+        per_chain = [orders[run.index] for run in state.chains]
         nll_sum = torch.zeros((), device=target.device)
         for step, batches in enumerate(zip(*per_chain, strict=True)):
             try:
@@ -147,15 +158,20 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
             for run in state.chains:
                 nll_sum += run.state.loss
         seconds += time.perf_counter() - started
-        what = _what_is_not_finite_at_epoch_end(state.chains, nll_sum)
+        what = kernel.first_problem(_what_is_not_finite_at_epoch_end(state.chains, nll_sum))
         if what is not None:
             raise diverged(epoch, plan.steps_per_epoch - 1, what)
-        row = kernel.history_row(state, epoch, seconds, float(nll_sum) / (plan.steps_per_epoch * len(state.chains)))
+        sum_(nll_sum, world)
+        row = kernel.history_row(state, epoch, seconds, float(nll_sum) / (plan.steps_per_epoch * config.chains))
         history.append(row)
         bar.set_postfix(neg_log_joint=f"{row['neg_log_joint']:.4f}", sparsity=f"{row['sparsity']:.3f}")
         if checkpoint is not None:
-            checkpoints.save({"chains": [run.state_dict() for run in state.chains],
+            chains = [getattr(chain, "saved", None) or chain.state_dict() for chain in kernel.all_chains(state)]
+            process_rng = gather_objects(torch.get_rng_state(), world)
+        if checkpoint is not None and world.is_main:
+            checkpoints.save({"chains": chains,
                               "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                              "process_rng": process_rng, "world_size": world.size,
                               "loader_rng": source.shuffle_state(),
                               "em": None if state.shared is None else state.shared.state_dict(),
                               "history": history, "epoch": epoch + 1, "epochs": config.epochs,
@@ -180,19 +196,21 @@ def _what_is_not_finite_at_epoch_end(runs: list[Chain], nll_sum: torch.Tensor) -
     return None
 
 
-def _load_chains(runs: list[Chain], saved: dict[str, Any], path: str | os.PathLike, em: bool) -> None:
-    """Restore each chain from a checkpoint, or a ``CheckpointError`` if it belongs to another run."""
+def _load_chains(runs: list[Chain], saved: dict[str, Any], path: str | os.PathLike, em: bool, chains: int) -> None:
+    """Restore each of this process's chains (by its ``index``) from a checkpoint of a run of ``chains`` chains,
+    or a ``CheckpointError`` if it belongs to another run."""
     fix = "or start a new checkpoint"
     if "chains" not in saved:
         raise CheckpointError(path, f"it was not written by em_sghmc or sample_sghmc; resume one of their runs, {fix}")
     count = len(saved["chains"])
-    if count != len(runs):
-        raise CheckpointError(path, f"it holds {count} chains, this run asks for {len(runs)}; resume with "
+    if count != chains:
+        raise CheckpointError(path, f"it holds {count} chains, this run asks for {chains}; resume with "
                                     f"chains={count}, {fix}")
     if bool(saved.get("em")) != em:
         writer, reader = ("sample_sghmc", "em_sghmc") if em else ("em_sghmc", "sample_sghmc")
         raise CheckpointError(path, f"it was written by {writer}, not {reader}; resume with {writer}, {fix}")
-    for run, chain_saved in zip(runs, saved["chains"], strict=True):
+    for run in runs:
+        chain_saved = saved["chains"][run.index]
         try:
             layout = tuple((name, torch.Size(shape)) for name, shape in chain_saved["state"]["layout"])
             if layout != run.state.layout:

@@ -23,10 +23,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from ..distributed import SINGLE_PROCESS, World, gather_objects, sum_
 from ..posterior import Posterior
 from ..priors import Prior, SpikeAndSlab, adaptive_precision, em_statistics, map_hyperparameters, pool_statistics
 from ..validation import check_count, check_fraction, check_number, check_positive
@@ -121,9 +123,11 @@ class RunConfig:
 
 
 class Chain:
-    """One chain's sampler state, its inclusion averages ρ and w̄, and its kept draws."""
+    """One chain's sampler state, its inclusion averages ρ and w̄, and its kept draws; ``index``: its number
+    among all the run's chains (over several processes, each process holds some of them)."""
 
-    def __init__(self, state: SGHMCState, num_sites: int):
+    def __init__(self, state: SGHMCState, num_sites: int, index: int = 0):
+        self.index = index
         self.state = state
         self.num_sites = num_sites
         self.inclusion: torch.Tensor | None = None
@@ -311,8 +315,9 @@ def _averaging_weight(k: int, plan: _Plan, em_every: int) -> float:
     return (max(since, 0) + 1) ** -0.7
 
 
-def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float) -> None:
-    """An E-step of every chain, then one M-step on the chains' pooled statistics (``rate``: ω)."""
+def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float, world: World = SINGLE_PROCESS) -> None:
+    """An E-step of every chain, then one M-step on the chains' pooled statistics (``rate``: ω): over several
+    processes, the statistics of their chains are summed by one all-reduce, so all get the same M-step."""
     with torch.no_grad():
         mixture = shared.mixture()
         statistics = []
@@ -321,12 +326,22 @@ def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float) 
             run.inclusion.lerp_(gamma, rate)
             run.weight_mean.lerp_(run.weights, rate)
             statistics.append(shared.statistics_of(gamma, run.weights))
-        pooled = pool_statistics(statistics)
+        pooled = _all_reduced(pool_statistics(statistics), world)
         for key, value in shared.statistics.items():
             value.lerp_(pooled[key].to(value), rate)
         shared.hyper.update(shared.map_of(shared.statistics))
         for run in runs:
             _set_precision(sampler, run, shared)
+
+
+def _all_reduced(statistics: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
+    """The statistics summed over the processes: one all-reduce of their concatenation."""
+    if not world.active:
+        return statistics
+    flat = torch.cat([value.reshape(-1) for value in statistics.values()])
+    sum_(flat, world)
+    pieces = flat.split([value.numel() for value in statistics.values()])
+    return {key: piece.view_as(value) for (key, value), piece in zip(statistics.items(), pieces, strict=True)}
 
 
 def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
@@ -382,12 +397,13 @@ def _shared_values(shared: _SharedEM) -> dict[str, float]:
             "spike_scale": float(shared.spike_per_weight.mean())}
 
 
-def _epoch_row(runs, epoch, seconds, nll, prior, shared, n) -> dict[str, Any]:
-    """The history row of an epoch (see ``SGHMCResult.history``)."""
-    log_prior = sum(_log_prior(prior, run, shared) for run in runs) / len(runs)
+def _epoch_row(per_chain: list[tuple[float, float, float | None]], epoch: int, seconds: float, nll: float,
+               shared: _SharedEM | None, n: int) -> dict[str, Any]:
+    """The history row of an epoch (see ``SGHMCResult.history``) from each chain's (log prior of its active
+    weights, sparsity, last step size)."""
+    log_prior = sum(row[0] for row in per_chain) / len(per_chain)
     row = {"epoch": epoch + 1, "neg_log_joint": nll - log_prior / n, "nll": nll, "log_joint": -n * nll + log_prior,
-           "sparsity": sum(_sparsity(run) for run in runs) / len(runs),
-           "step_size": float(runs[0].trace["step_size"][-1]) if runs[0].trace.get("step_size") else None,
+           "sparsity": sum(row[1] for row in per_chain) / len(per_chain), "step_size": per_chain[0][2],
            "seconds": seconds}
     if shared is not None:
         row.update(_shared_values(shared))
@@ -469,18 +485,28 @@ class EMSGHMC:
     """EM-SGHMC (dense SGHMC when ``config.em`` is False) as ``init`` / ``step`` / ``result`` (module
     docstring).
 
+    Over several processes (``world``) the run's ``config.chains`` chains are dealt out round-robin (chain c
+    to process c mod K); each process steps its own chains on its own batches, the E/M-step sums the
+    chains' statistics over the processes in one all-reduce, divergence checks agree, and ``result`` and
+    ``history_row`` gather every chain, so every process ends with the whole run. Chain c starts, draws its
+    noise and is recorded exactly as chain c of a one-process run.
+
     Args:
         target: what to sample (``sampling_target``: a BayesianNetwork or any Pyro model).
         config: the run's settings.
         dataset_size: N, the number of training examples.
         steps_per_epoch: minibatches per pass over the data (default ⌈N / config.batch_size⌉); with the
             epochs, it sets the plan.
+        world: the processes that share the chains (default: this one alone).
     """
 
     def __init__(self, target: NetworkTarget | PyroTarget, config: RunConfig, dataset_size: int,
-                 steps_per_epoch: int | None = None):
+                 steps_per_epoch: int | None = None, world: World = SINGLE_PROCESS):
         config.check()
-        self.target, self.config, self.dataset_size = target, config, dataset_size
+        if config.chains < world.size:
+            raise ValueError(f"chains={config.chains} cannot be spread over {world.size} processes: give at least "
+                             f"one chain per process")
+        self.target, self.config, self.dataset_size, self.world = target, config, dataset_size, world
         self.burn_in = config.epochs // 2 if config.burn_in is None else config.burn_in
         steps_per_epoch = math.ceil(dataset_size / config.batch_size) if steps_per_epoch is None else steps_per_epoch
         self.plan = _plan(config, steps_per_epoch, self.burn_in)
@@ -493,14 +519,19 @@ class EMSGHMC:
         self.site_layout: list[tuple[str, torch.Size]] = []
         self.spike_scales: dict[str, float] = {}
 
+    @property
+    def chain_indices(self) -> list[int]:
+        """The chains this process runs (all of them in a one-process run)."""
+        return list(range(self.world.rank, self.config.chains, self.world.size))
+
     def init(self, seed: int) -> EMState:
-        """Every chain at its start (``target.chain_start``), noise seeded by ``seed`` + chain; with EM, each
-        chain's ρ = γ(its initial weights) under the initial hyperparameters and σ₀ per site."""
+        """This process's chains at their start (``target.chain_start``), noise seeded by ``seed`` + chain; with
+        EM, each chain's ρ = γ(its initial weights) under the initial hyperparameters and σ₀ per site."""
         config, target = self.config, self.target
         runs = []
-        for c in range(config.chains):
+        for c in self.chain_indices:
             state = self.sampler.init(target.chain_start(c, seed), seed=seed + c)
-            runs.append(Chain(state, self.sampler.num_site_coords(state)))
+            runs.append(Chain(state, self.sampler.num_site_coords(state), index=c))
         self.site_layout = [(name, shape) for name, shape in runs[0].state.layout if name in target.site_names]
         shared = None
         if config.em:
@@ -511,32 +542,37 @@ class EMSGHMC:
         return EMState(runs, shared, seed)
 
     def step(self, state: EMState, batches: list[Any]) -> EMState:
-        """Step k = ``state.step`` of every chain (``batches[c]``: chain c's minibatch, e.g. ``(x, y)``), then
-        what the plan puts at k: an E/M-step, a pruning event, trace records, a kept draw. Updates ``state``
-        in place and returns it.
+        """Step k = ``state.step`` of this process's chains (``batches[i]``: the minibatch of its i-th chain,
+        e.g. ``(x, y)``), then what the plan puts at k: an E/M-step, a pruning event, trace records, a kept
+        draw. Updates ``state`` in place and returns it.
 
         Raises:
             Diverged: a chain checked at this step (every ``em_every`` steps and where a draw is kept or
-                weights are pruned) or the M-step's hyperparameters are not finite.
+                weights are pruned), on any process, or the M-step's hyperparameters are not finite.
         """
         plan, config, sampler = self.plan, self.config, self.sampler
         k, em_every, shared = state.step, config.em_every, state.shared
         checked = (k + 1) % em_every == 0 or k in plan.keep_at or k in plan.prune_at
-        for c, (run, batch) in enumerate(zip(state.chains, batches, strict=True)):
+        problem = None
+        for run, batch in zip(state.chains, batches, strict=True):
             sampler.step(run.state, batch)
-            if checked and not bool(run.state.is_finite()):
-                raise Diverged(_what_is_not_finite(run.state, c))
+            if checked and problem is None and not bool(run.state.is_finite()):
+                problem = _what_is_not_finite(run.state, run.index)
+        if checked:
+            problem = self.first_problem(problem)
+        if problem is not None:
+            raise Diverged(problem)
         if shared is not None and (k + 1) % em_every == 0 and k < plan.burn_steps:
-            _em_step(sampler, state.chains, shared, _averaging_weight(k, plan, em_every))
+            _em_step(sampler, state.chains, shared, _averaging_weight(k, plan, em_every), self.world)
             bad = first_non_finite(shared.hyper)
             if bad is not None:
                 raise Diverged(f"the M-step gave a non-finite {bad}")
-        for c, run in enumerate(state.chains):
+        for run in state.chains:
             if k in plan.prune_at:
                 _prune(sampler, run, plan.prune_at[k])
             if (k + 1) % em_every == 0 or k in plan.keep_at:
                 record = _record(sampler, run, self.target.prior, shared, k, self.dataset_size,
-                                 seed=(state.seed + 7919 * c) * 2**20 + k)
+                                 seed=(state.seed + 7919 * run.index) * 2**20 + k)
                 if (k + 1) % em_every == 0:
                     for key, value in record.items():
                         run.trace.setdefault(key, []).append(value)
@@ -547,9 +583,40 @@ class EMSGHMC:
         state.step += 1
         return state
 
+    def first_problem(self, problem: str | None) -> str | None:
+        """The first process's description of a non-finite value (None when every process has none): every
+        process gets the same answer, so all stop together."""
+        if not self.world.active:
+            return problem
+        return next((found for found in gather_objects(problem, self.world) if found is not None), None)
+
+    def all_chains(self, state: EMState) -> list[Any]:
+        """Every chain of the run, in chain order: this process's own, and over several processes copies of
+        the others' (their kept draws, records, ρ, masks and sampler states) gathered from every process."""
+        if not self.world.active:
+            return list(state.chains)
+        local = [{"index": run.index, "num_sites": run.num_sites, **run.state_dict()} for run in state.chains]
+        gathered = [chain for part in gather_objects(_to_cpu(local), self.world) for chain in part]
+        device = state.chains[0].state.position.device
+        chains = []
+        for saved in sorted(gathered, key=lambda chain: chain["index"]):
+            saved = _to_device(saved, device)
+            chains.append(SimpleNamespace(
+                index=saved["index"], num_sites=saved["num_sites"], draws=saved["draws"], stats=saved["stats"],
+                trace=saved["trace"], inclusion=saved["inclusion"], saved=saved,
+                state=SimpleNamespace(layout=saved["state"]["layout"], mask=saved["state"]["mask"],
+                                      position=saved["state"]["position"],
+                                      prior_precision=saved["state"]["prior_precision"])))
+        return chains
+
     def history_row(self, state: EMState, epoch: int, seconds: float, nll: float) -> dict[str, Any]:
-        """The history row of the epoch that just ended (``SGHMCResult.history``); ``nll``: its mean minibatch loss."""
-        return _epoch_row(state.chains, epoch, seconds, nll, self.target.prior, state.shared, self.dataset_size)
+        """The history row of the epoch that just ended (``SGHMCResult.history``); ``nll``: its mean minibatch
+        loss over every chain."""
+        per_chain = [(_log_prior(self.target.prior, run, state.shared), _sparsity(run),
+                      run.trace["step_size"][-1] if run.trace.get("step_size") else None) for run in state.chains]
+        if self.world.active:
+            per_chain = [row for part in gather_objects(per_chain, self.world) for row in part]
+        return _epoch_row(per_chain, epoch, seconds, nll, state.shared, self.dataset_size)
 
     def restore_prior(self) -> None:
         """Put the prior's hyperparameters back to their values before the run (after a divergence)."""
@@ -557,6 +624,27 @@ class EMSGHMC:
             self.target.prior.get_buffer(name).copy_(value)
 
     def result(self, state: EMState, history: list[dict[str, Any]]) -> SGHMCResult:
-        """The ``SGHMCResult`` of the chains' kept draws; the prior receives the shared estimates (EM)."""
-        return sghmc_result(self.target.posterior, self.target.prior, state.chains, self.site_layout, state.shared,
-                       self.initial_hyper, history, self.spike_scales)
+        """The ``SGHMCResult`` of every chain's kept draws; the prior receives the shared estimates (EM)."""
+        return sghmc_result(self.target.posterior, self.target.prior, self.all_chains(state), self.site_layout,
+                            state.shared, self.initial_hyper, history, self.spike_scales)
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts, lists and tuples) moved to the CPU, for ``gather_objects``."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
