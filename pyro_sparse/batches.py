@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from .data import as_tensors
 from .distributed import SINGLE_PROCESS, World
@@ -94,11 +94,12 @@ class LoaderBatches:
     """The batches of a ``DataLoader`` (see the module docstring), moved to ``device``."""
 
     def __init__(self, loader: DataLoader):
-        dataset = getattr(loader, "dataset", None)
         try:
-            self.dataset_size = len(dataset)
+            # N: the examples an epoch draws from (a sampler may read a subset of the dataset)
+            sampler = loader.sampler if loader.batch_size is not None else loader.batch_sampler.sampler
+            self.dataset_size = len(sampler)
             self.steps_per_epoch = len(loader)
-        except TypeError as error:
+        except (TypeError, AttributeError) as error:
             raise TypeError(
                 "a DataLoader of a dataset without a length (an IterableDataset) cannot say how many examples an "
                 "epoch holds, which the ELBO's N / B scaling needs: give the dataset a __len__"
@@ -133,13 +134,24 @@ class LoaderBatches:
         (same dataset, batch size, workers and collation; shuffled, seeded by ``seed`` and the epoch, when
         the loader shuffled)."""
         loader = self.loader
+        if loader.batch_size is None or type(loader.sampler) not in (RandomSampler, SequentialSampler):
+            raise ValueError(
+                "under several processes fit shards the data with a DistributedSampler and cannot keep this "
+                f"loader's own {'batch_sampler' if loader.batch_size is None else type(loader.sampler).__name__}: "
+                "give a DataLoader with batch_size and shuffle=True (or False), over the examples to train on"
+            )
+        if isinstance(loader.sampler, RandomSampler) and len(loader.sampler) != len(loader.dataset):
+            raise ValueError("under several processes fit cannot shard a RandomSampler with num_samples: give a "
+                             "DataLoader over exactly the examples to train on")
         shuffled = isinstance(loader.sampler, RandomSampler)
         self._sampler = DistributedSampler(loader.dataset, num_replicas=world.size, rank=world.rank,
                                            shuffle=shuffled, seed=seed % 2**31, drop_last=False)
+        workers_rng = torch.Generator()  # each process's workers their own augmentation
+        workers_rng.manual_seed((seed + 7919 * (world.rank + 1)) % 2**63)
         self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=self._sampler,
                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                  pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                                 worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+                                 worker_init_fn=loader.worker_init_fn, generator=workers_rng)
         self.steps_per_epoch = len(self.loader)
 
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[Batch]:

@@ -368,12 +368,11 @@ def train(config: dict[str, Any], given: set[str] | None = None) -> dict[str, An
         if config.get("overwrite"):
             remove_outputs(out)
         run = method.train(config, model, dataset, out)
+        finish(world)  # training is over on every process: process 0 reports alone, however long that takes
         History(run.history).to_csv(out / "history.csv")
         if run.history and "loss" in run.history[0]:
             plots.training_curve(run.history, out / "training_curve.png")
-        record = _report(model, run, dataset, config, out)
-    finish(world)
-    return record
+        return _report(model, run, dataset, config, out)
 
 
 def evaluate_run(directory: str, samples: int | None = None, data_root: str | None = None) -> dict[str, Any]:

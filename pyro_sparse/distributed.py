@@ -66,8 +66,10 @@ def current_world(device: torch.device | None = None) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE_PROCESS
-    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_SECONDS))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:  # NCCL's collectives (and all_gather_object's tensors) go to the current device: this process's
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=TIMEOUT_SECONDS))
     return World(dist.get_rank(), dist.get_world_size())
 
 
@@ -81,22 +83,31 @@ def broadcast_(tensors: Iterable[torch.Tensor], world: World) -> None:
 
 
 def average_gradients_(params: Iterable[torch.Tensor], world: World) -> int:
-    """Replace each parameter's ``.grad`` by its mean over the processes: one all-reduce of one flat buffer
-    (a parameter without a gradient counts as zero). Returns the bytes this process sent into it."""
+    """Replace each parameter's ``.grad`` by its mean over the processes: one all-reduce of one flat buffer.
+    A parameter without a gradient on a process counts as zero there; one that no process gave a gradient
+    keeps ``.grad = None`` (so the optimizer skips it, as it would in one process). Returns the bytes this
+    process sent into the all-reduce."""
     if not world.active:
         return 0
     params = [param for param in params if param.requires_grad]
     if not params:
         return 0
+    missing = [index for index, param in enumerate(params) if param.grad is None]
     grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in params]
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    has_grad = torch.tensor([param.grad is not None for param in params], dtype=grads[0].dtype,
+                            device=grads[0].device)
+    flat = torch.cat([*(grad.reshape(-1) for grad in grads), has_grad])
     dist.all_reduce(flat)
-    flat.div_(world.size)
+    flat[: -len(params)].div_(world.size)
     offset = 0
     for param, grad in zip(params, grads, strict=True):
-        count = grad.numel()
-        param.grad = flat[offset: offset + count].view_as(param)
-        offset += count
+        param.grad = flat[offset: offset + grad.numel()].view_as(param)
+        offset += grad.numel()
+    if missing:  # only then look (a host sync): did any process give these a gradient?
+        given = flat[-len(params):][missing].tolist()
+        for index, count in zip(missing, given, strict=True):
+            if count == 0:
+                params[index].grad = None
     return flat.numel() * flat.element_size()
 
 

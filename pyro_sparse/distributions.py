@@ -32,6 +32,10 @@ def kl_normal_normal(
     return 0.5 * (ratio**2 + ((loc - prior_loc) / prior_scale) ** 2 - 1.0) - ratio.log()
 
 
+kl_normal_to_centered_normal = kl_normal_normal
+"""The earlier name of ``kl_normal_normal`` (prior mean 0), kept for code written against it."""
+
+
 def kl_normal_to_spike_and_slab(
     loc: torch.Tensor,
     scale: torch.Tensor,
@@ -213,6 +217,7 @@ __all__ = [
     "SpikeAndSlabNormal",
     "kl_divergence",
     "kl_normal_normal",
+    "kl_normal_to_centered_normal",
     "kl_normal_to_spike_and_slab",
     "normal_log_prob",
 ]

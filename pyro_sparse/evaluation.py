@@ -47,12 +47,13 @@ def evaluate(
     sparsity (fraction of Bayesian weights exactly zero) and inference_flops (per example).
 
     ``model`` may also be any Pyro model ``model(x, y)``, with a guide of it or the ``PyroPosterior`` of a
-    sampler: the metrics then come from its observed site (``PyroPosterior.evaluate``: a Categorical
-    gives the classification metrics, a Normal the regression ones), without inference_flops.
+    sampler (``num_samples`` of its draws, evenly spaced): the metrics then come from its observed site
+    (``PyroPosterior.evaluate``: a Categorical gives the classification metrics, a Normal the regression
+    ones), without inference_flops; the data are read into memory (a DataLoader's batches stacked).
 
     Raises:
-        TypeError: ``model`` is not a BayesianNetwork or ``guide`` neither a guide nor a Posterior
-            (e.g. the two swapped), or ``data`` is not an (x, y) pair / dataset.
+        TypeError: ``model`` is not a BayesianNetwork or a Pyro model, ``guide`` neither a guide nor a
+            Posterior (e.g. the two swapped), or ``data`` is not an (x, y) pair / dataset / DataLoader.
         ValueError: ``num_samples`` or ``batch_size`` not a positive integer, a guide or posterior of
             another model, or data the model cannot take.
     """
@@ -63,7 +64,7 @@ def evaluate(
         x, y = _in_memory(getattr(data, "test", data))
         if not isinstance(guide, PyroPosterior):
             guide = PyroPosterior.from_guide(model, guide, x, y, num_samples=num_samples)
-        return guide.evaluate(x, y)
+        return guide.evaluate(x, y, num_samples=num_samples)
     check_model_type(model, "evaluate")
     check_guide_type(guide, "evaluate", posterior_too=True)
     posterior = guide if isinstance(guide, Posterior) else Posterior.from_guide(model, guide)

@@ -105,10 +105,17 @@ class PyroPosterior:
                 rows.setdefault(name, []).append(node["fn"].log_prob(node["value"]).double())
         return {name: torch.stack(values) for name, values in rows.items()}
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, num_samples: int | None = None) -> dict[str, float]:
         """Predictive metrics of the model's single observed site on x, y (see the module docstring),
-        plus ``active_weights`` / ``total_weights`` / ``sparsity`` of the real-valued sites."""
-        per_draw = list(self.observed_sites(x, y))
+        plus ``active_weights`` / ``total_weights`` / ``sparsity`` of the weight sites. ``num_samples``: use
+        that many draws, evenly spaced over all S (every chain's), as ``Posterior`` picks stored draws
+        (default: all)."""
+        posterior = self
+        if num_samples is not None and num_samples < self.num_samples:
+            picked = torch.linspace(0, self.num_samples - 1, num_samples).round().long()
+            posterior = PyroPosterior(self.model, {name: value[picked] for name, value in self.samples.items()},
+                                      weight_sites=self.weight_sites)
+        per_draw = list(posterior.observed_sites(x, y))
         names = list(per_draw[0])
         if len(names) != 1:
             raise ValueError(f"evaluate needs a model with one observed site, this one has {names}: "
@@ -131,7 +138,7 @@ class PyroPosterior:
             log_likelihood = torch.stack([node["fn"].log_prob(node["value"]).double().reshape(-1) for node in nodes])
             predictive = torch.logsumexp(log_likelihood, 0) - math.log(len(nodes))
             results = {"nll": float(-predictive.mean())}
-        results.update(self.sparsity())
+        results.update(posterior.sparsity())
         return results
 
     def sparsity(self) -> dict[str, float]:

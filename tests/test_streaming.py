@@ -175,3 +175,21 @@ def test_cli_trains_with_workers_and_refuses_augment_on_grey_images(tmp_path):
                               "--out", str(tmp_path / "other")], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "colour images" in refused.stderr and not (tmp_path / "other").exists()
+
+
+def test_a_loaders_sampler_sets_n_and_sharding_refuses_what_it_cannot_keep(digits):
+    from torch.utils.data import SubsetRandomSampler
+
+    from pyro_sparse.batches import LoaderBatches
+    from pyro_sparse.distributed import World
+
+    subset = DataLoader(digits.train, batch_size=10, sampler=SubsetRandomSampler(range(200)))
+    source = LoaderBatches(subset)
+    assert source.dataset_size == 200 and source.steps_per_epoch == 20  # N counts what an epoch draws
+    with pytest.raises(ValueError, match="cannot keep this loader's own SubsetRandomSampler"):
+        source.shard(World(rank=0, size=2), seed=0)
+    shuffled = LoaderBatches(DataLoader(digits.train, batch_size=100, shuffle=True))
+    shuffled.shard(World(rank=1, size=2), seed=0)
+    assert shuffled.steps_per_epoch == 7  # 1347 examples: 674 for process 1, in batches of 100
+    seen = torch.cat([y for _, y in shuffled.epoch()])
+    assert len(seen) == 674

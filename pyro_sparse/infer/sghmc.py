@@ -228,6 +228,10 @@ class SGHMC:
         if not params:
             raise ValueError("init needs at least one parameter")
         layout = tuple((name, torch.Size(value.shape)) for name, value in params.items())
+        leading = [name for name, _ in layout[: len(self._site_names)]]
+        if set(leading) != self._site_names:
+            raise ValueError(f"init's params must start with the sites {sorted(self._site_names)} (the adaptive-L2 "
+                             f"prior acts on the leading coordinates); they start with {leading}: put the sites first")
         position = torch.cat([value.detach().reshape(-1) for value in params.values()]).clone()
         rng = torch.Generator(device=position.device)
         seed = check_seed(seed, bits=64)

@@ -270,7 +270,6 @@ def fit(
                                                      guide.state_dict().items() if torch.is_tensor(value)]}, world)
         base_seed = gather_objects(base_seed, world)[0]
         broadcast_(_replicated_tensors(model, guide, own_params), world)
-        source.shard(world, base_seed)
     shuffle = torch.Generator()
     shuffle.manual_seed(base_seed)
     if world.active:  # each process its own Monte Carlo noise
@@ -282,17 +281,21 @@ def fit(
     if resume and Path(checkpoint).is_file():
         saved = checkpoints.load(checkpoint, map_location=device)
         _restore(saved, checkpoint, model, guide, optimizer, shuffle, own_params)
-        source.load_shuffle_state(saved.get("loader_rng") or {})
+        base_seed = saved.get("base_seed", base_seed)  # the run's: a DistributedSampler shuffles by it
         if world.active:  # each process's own noise: as saved, or (another number of processes) seeded afresh
             states = saved.get("process_rng") or []
             if len(states) == world.size:
-                torch.set_rng_state(states[world.rank])
+                _set_process_rng(states[world.rank], device)
             else:
                 torch.manual_seed(_process_seed(base_seed + saved["epoch"], world.rank))
         for group, group_lr in zip(optimizer.param_groups, (lr, scale_lr), strict=True):  # this call's, not the saved
             group["lr"] = group_lr
         history, start_epoch, last_saved = History(saved["history"]), saved["epoch"], checkpoint
         train_seconds = history[-1]["seconds"] if history else 0.0
+    if world.active:
+        source.shard(world, base_seed)
+    if resume and Path(checkpoint).is_file():
+        source.load_shuffle_state(saved.get("loader_rng") or {})
 
     def diverged(epoch: int, step: int, what: str) -> TrainingDiverged:
         return TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}", what, "lr", last_saved)
@@ -338,13 +341,15 @@ def fit(
                             "lr": epoch_lr, "seconds": train_seconds, "scale_lr": epoch_scale_lr, "kl_estimator": kl,
                             "objective": objective_name, **sigma_columns(guide), **state.record})
             bar.set_postfix(loss=f"{loss:.4f}", nll=f"{nll:.4f}", kl=f"{kl_total:.4g}")
-            process_rng = gather_objects(torch.get_rng_state(), world) if world.active else None
+            if world.active:  # a BatchNorm's running statistics: process 0's, as checkpointed and evaluated
+                broadcast_([*model.buffers()] if isinstance(model, torch.nn.Module) else [], world)
+            process_rng = gather_objects(_process_rng(device), world) if world.active else None
             if checkpoint is not None and world.is_main:
                 checkpoints.save(
                     {**training_state, "shuffle_rng": shuffle.get_state(), "loader_rng": source.shuffle_state(),
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                     "process_rng": process_rng, "world_size": world.size,
+                     "process_rng": process_rng, "world_size": world.size, "base_seed": base_seed,
                      "history": list(history), "epoch": epoch + 1, "epochs": epochs, "metadata": metadata or {}},
                     checkpoint,
                 )
@@ -432,6 +437,18 @@ def _replicated_tensors(model, guide: MeanField, own_params: dict[str, torch.Ten
     tensors += list((own_params or {}).values())
     unique = {id(tensor): tensor for tensor in tensors}
     return list(unique.values())
+
+
+def _process_rng(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's RNG states: the CPU's and, on a GPU, its own device's."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_process_rng(states: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _process_seed(base_seed: int, rank: int) -> int:
