@@ -1,7 +1,8 @@
 """EM-SGHMC benchmarks.
 
-(a) ``--part step``: milliseconds per step, SGHMC against plain SGD with momentum (batch 128, CPU),
-    on mlp 784-400-400-10 and lenet5. Steps are interleaved in rounds (one step of each per round)
+(a) ``--part step``: milliseconds per step, SGHMC against plain SGD with momentum (batch 128, on
+    ``--device``, CPU by default; each step timed by ``timing.timed``, which waits for a GPU before and
+    after it), on mlp 784-400-400-10 and lenet5. Steps are interleaved in rounds (one step of each per round)
     and the median over rounds is reported. Variants: SGHMC after burn-in (frozen preconditioner,
     the sampling phase), SGHMC during burn-in (preconditioner adapting), and SGHMC with Gaussian
     instead of Rademacher noise. Plain: ``torch.optim.SGD(momentum=0.9)`` on cross-entropy.
@@ -28,7 +29,7 @@
     ``--step-sizes``, against a deterministic network of the same architecture (Adam 1e-3, as many
     steps). Validation accuracy, NLL and ECE.
 
-    .venv/bin/python benchmarks/em_sghmc.py --part step [--steps 60]
+    .venv/bin/python benchmarks/em_sghmc.py --part step [--steps 60] [--device cpu|cuda]
     .venv/bin/python benchmarks/em_sghmc.py --part accuracy [--epochs 10] [--rows dense,em0,em70,em90]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/em_sghmc.py --part validation [--step-sizes 3e-4,1e-3,3e-3,1e-2]
 
@@ -45,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 import pyro_sparse as ps
 from pyro_sparse.errors import TrainingDiverged
@@ -57,11 +59,11 @@ NETS = {
 }
 
 
-def step_times(name: str, steps: int, batch_size: int) -> dict:
+def step_times(name: str, steps: int, batch_size: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(batch_size, 1, 28, 28)
-    y = torch.randint(0, 10, (batch_size,))
-    net = NETS[name]()
+    x = torch.randn(batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    net = NETS[name]().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def plain() -> None:
@@ -72,7 +74,7 @@ def step_times(name: str, steps: int, batch_size: int) -> dict:
     runs = {"plain_sgd_momentum_ms": plain}
     for key, burn_in, noise in (("sghmc_ms", 0, "rademacher"), ("sghmc_burn_in_ms", 10**9, "rademacher"),
                                 ("sghmc_gaussian_noise_ms", 0, "gaussian")):
-        model = ps.BayesianNetwork(NETS[name](), prior=ps.priors.Gaussian(1.0), dataset_size=60000)
+        model = ps.BayesianNetwork(NETS[name](), prior=ps.priors.Gaussian(1.0), dataset_size=60000).to(device)
         sampler = sghmc(model, 1e-3, burn_in=burn_in, noise=noise)
         state = sampler.init(seed=0)
         runs[key] = lambda sampler=sampler, state=state: sampler.step(state, (x, y))
@@ -82,9 +84,7 @@ def step_times(name: str, steps: int, batch_size: int) -> dict:
     times: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(steps):
         for key, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - start) * 1e3)
+            times[key].append(timed(fn, device))
     result = {key: statistics.median(values) for key, values in times.items()}
     for key in ("sghmc_ms", "sghmc_burn_in_ms", "sghmc_gaussian_noise_ms"):
         result[key.replace("_ms", "_over_plain")] = result[key] / result["plain_sgd_momentum_ms"]
@@ -215,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("step", "accuracy", "validation"), required=True)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--device", default="cpu", help="step: cpu, cuda, cuda:1, ...")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--burn-in", type=int, default=None)
     parser.add_argument("--chains", type=int, default=2)
@@ -237,15 +238,18 @@ def main() -> None:
     args = parser.parse_args()
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.part == "step":
-        results = {name: step_times(name, args.steps, 128) for name in NETS}
-        print(f"ms per step, batch 128, CPU, median of {args.steps} interleaved rounds")
+        device = torch.device(args.device)
+        results = {name: step_times(name, args.steps, 128, device) for name in NETS}
+        print(f"ms per step, batch 128, {device}, median of {args.steps} interleaved rounds")
         for name, r in results.items():
             print(f"{name:<20} plain {r['plain_sgd_momentum_ms']:.2f}  sghmc {r['sghmc_ms']:.2f} "
                   f"({r['sghmc_over_plain']:.2f}x)  burn-in {r['sghmc_burn_in_ms']:.2f} "
                   f"({r['sghmc_burn_in_over_plain']:.2f}x)  gaussian noise {r['sghmc_gaussian_noise_ms']:.2f} "
                   f"({r['sghmc_gaussian_noise_over_plain']:.2f}x)")
         out = Path(args.out or "benchmarks/results/em_sghmc_step.json")
-        meta.update(steps=args.steps, batch_size=128)
+        meta.update(steps=args.steps, batch_size=128, device=str(device))
+        if device.type == "cuda":
+            meta["device_name"] = torch.cuda.get_device_name(device)
     elif args.part == "validation":
         results = validation(args)
         out = Path(args.out or "benchmarks/results/em_sghmc_validation.json")

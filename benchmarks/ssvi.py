@@ -11,12 +11,13 @@ and backward on the batch of every gradient-growth update) and their ratio to de
 seconds, and the bytes of trainable parameters plus Adam's state and their ratio to dense VI.
 
 Part ``steps``: milliseconds per training step side by side (interleaved rounds, one step of each
-variant per round, median; batch 128, random inputs): dense VI against SSVI at density 0.1 (first
-conv dense, and all sparse), for mlp 784-400-400-10 and lenet5; plus the cost of one support update
-(dense gradient + remove-and-add), amortised over ΔT = 100 steps.
+variant per round, median; batch 128, random inputs; on ``--device``, CPU by default, each step timed
+by ``timing.timed``, which waits for a GPU before and after it): dense VI against SSVI at density 0.1
+(first conv dense, and all sparse), for mlp 784-400-400-10 and lenet5; plus the cost of one support
+update (dense gradient + remove-and-add), amortised over ΔT = 100 steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssvi.py [--part accuracy|steps|all] [--nets lenet5 mlp]
-        [--epochs 10] [--data-root ../shared/data] [--train-limit N] [--steps 60]
+        [--epochs 10] [--data-root ../shared/data] [--train-limit N] [--steps 60] [--device cpu|cuda]
         [--out benchmarks/results/ssvi.json]
 
 The JSON is merged into ``--out`` (results of other nets and parts already there are kept).
@@ -45,12 +46,12 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
+from timing import timed
 
 import pyro_sparse as ps
 from pyro_sparse.evaluation import training_flops_per_example
@@ -129,23 +130,17 @@ def _step(model, guide, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def run_steps(net: str, steps: int) -> dict[str, Any]:
+def run_steps(net: str, steps: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
-    x = torch.randn(BATCH_SIZE, 1, 28, 28)
-    y = torch.randint(0, 10, (BATCH_SIZE,))
+    x = torch.randn(BATCH_SIZE, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (BATCH_SIZE,), device=device)
     setups = {"dense VI": None, "SSVI 0.1": {"density": 0.1}}
     if net == "lenet5":
         setups["SSVI 0.1, all sparse"] = {"density": 0.1, "dense_layers": ()}
     runs, guides, result = {}, {}, {}
     for label, kwargs in setups.items():
-        model = ps.BayesianNetwork(NETS[net](), dataset_size=60000)
-        guide = make_guide(model, kwargs)
+        model = ps.BayesianNetwork(NETS[net](), dataset_size=60000).to(device)
+        guide = make_guide(model, kwargs).to(device)
         optimizer = make_adam([*guide.parameters(), *model.parameters()], LR)
         runs[label] = lambda m=model, g=guide, o=optimizer: _step(m, g, o, x, y)
         guides[label] = (guide, optimizer)
@@ -156,13 +151,13 @@ def run_steps(net: str, steps: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(steps):
         for label, fn in runs.items():
-            times[label].append(_timed(fn))
+            times[label].append(timed(fn, device))
     for label in runs:
         result[f"{label} ms"] = statistics.median(times[label])
         result[f"{label} / dense"] = result[f"{label} ms"] / statistics.median(times["dense VI"])
         if label != "dense VI":
             guide, optimizer = guides[label]
-            update_ms = statistics.median(_timed(lambda g=guide, o=optimizer: g.update_support(0.1, (x, y), o))
+            update_ms = statistics.median(timed(lambda g=guide, o=optimizer: g.update_support(0.1, (x, y), o), device)
                                           for _ in range(10))
             result[f"{label} update ms"] = update_ms
             amortised = result[f"{label} ms"] + update_ms / 100
@@ -179,6 +174,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--train-limit", type=int, default=None, help="train on a random subset (quick checks)")
     parser.add_argument("--steps", type=int, default=60, help="interleaved rounds of the step-time part")
+    parser.add_argument("--device", default="cpu", help="device of the step-time part (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--ssvi-lr", type=float, default=LR, help="Adam learning rate of the SSVI runs")
     parser.add_argument("--layer-density", choices=("uniform", "erk"), default="uniform",
                         help="SparseSubspace(layer_density=...) of the SSVI runs")
@@ -193,6 +189,7 @@ def main() -> None:
             "num_samples": NUM_SAMPLES, "train_limit": args.train_limit, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
     new: dict[str, Any] = {}
+    part_meta = {"accuracy": meta}
     if args.part in ("accuracy", "all"):
         root = Path(args.data_root).expanduser()
         ds = ps.data.load("fashion-mnist", root=root if root.is_absolute() else REPO_ROOT / root)
@@ -210,16 +207,20 @@ def main() -> None:
                       f"{r['nll']:>7.4f} {r['ece']:>7.4f} {r['train_flops_ratio']:>11.3f} "
                       f"{r['trainable_bytes_ratio']:>11.3f} {r['train_seconds']:>8.0f}")
     if args.part in ("steps", "all"):
-        print(f"\nms per training step, batch {BATCH_SIZE}, median of {args.steps} interleaved rounds")
+        device = torch.device(args.device)
+        print(f"\nms per training step, batch {BATCH_SIZE}, {device}, median of {args.steps} interleaved rounds")
+        part_meta["steps"] = {**meta, "steps": args.steps, "device": str(device)}
+        if device.type == "cuda":
+            part_meta["steps"]["device_name"] = torch.cuda.get_device_name(device)
         for net in args.nets:
-            result = run_steps(net, args.steps)
+            result = run_steps(net, args.steps, device)
             new.setdefault("steps", {})[net] = result
             print(f"  {net}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items() if "bytes" not in k))
     saved = json.loads(out.read_text()) if out.is_file() else {}
     for part, by_net in new.items():
         saved.setdefault(part, {}).update(by_net)
         for net in by_net:
-            saved.setdefault("meta", {}).setdefault(part, {})[net] = meta
+            saved.setdefault("meta", {}).setdefault(part, {})[net] = part_meta[part]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(saved, indent=2))
     print(f"wrote {out}")

@@ -1,4 +1,5 @@
-"""Milliseconds per training step, side by side in one run (batch 128, CPU by default):
+"""Milliseconds per training step, side by side in one run (batch 128, CPU by default; ``--device cuda``
+for a GPU, every step timed by ``timing.timed``, which waits for the device before and after it):
 
 (a) plain PyTorch: the deterministic network, cross-entropy, Adam;
 (b) pyro-sparse: the MeanField guide's fused ELBO step (closed-form KL, local reparameterization
@@ -23,7 +24,7 @@ Steps of all variants are interleaved in rounds so machine noise hits them alike
 rounds is reported. Prints tables with the ratios (b)/(a), (c)/(b), (d)/(b), (e)/(b), (f)/(a) and writes JSON.
 
     .venv/bin/python benchmarks/step_time.py [--steps 60] [--widths 128,400,1024,2048] [--sweep-steps 20]
-                                             [--out benchmarks/results/step_time.json]
+                                             [--device cpu|cuda] [--out benchmarks/results/step_time.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import pyro
@@ -42,6 +42,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
+from timing import timed
 from torch import nn
 
 import pyro_sparse as ps
@@ -135,21 +136,16 @@ def floor_model(make_net, dataset_size: int, device: torch.device):
     return model, moments, optimizer
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def interleaved_medians(runs: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Median ms of each step function in ``runs``, their steps interleaved in rounds (after ``warmup`` of each)."""
+def interleaved_medians(runs: dict, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median ms of each step function in ``runs``, their steps interleaved in rounds (after ``warmup`` of each);
+    ``timing.timed`` waits for the device around every step, so CUDA's queued kernels are counted."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(steps):
         for key, fn in runs.items():
-            times[key].append(timed(fn))
+            times[key].append(timed(fn, device))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -196,7 +192,7 @@ def benchmark(name: str, steps: int, batch_size: int, device: torch.device) -> d
         "pyro_idiom_fit_ms": lambda: idiom_step(idiom, idiom_guide, idiom_opt, x, y, dataset_size),
         "pyro_idiom_fused_ms": lambda: fused_idiom_step(fast_objective, fast_idiom, fast_guide, fast_opt, x, y),
     }
-    result = interleaved_medians(runs, steps, warmup=5)
+    result = interleaved_medians(runs, steps, warmup=5, device=device)
     result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
     result["pyro_over_ours"] = result["pyro_svi_ms"] / result["ours_ms"]
     result["weight_draws_over_plain"] = result["ours_weight_draws_ms"] / result["plain_ms"]
@@ -220,7 +216,7 @@ def sweep_width(width: int, steps: int, x: torch.Tensor, y: torch.Tensor, device
     runs = {"plain_ms": lambda: plain_step(net, plain_opt, x, y),
             "ours_ms": lambda: ours_step(model, guide, ours_opt, x, y),
             "floor_ms": lambda: floor_step(*floor, x, y)}
-    result = interleaved_medians(runs, steps, warmup=3)
+    result = interleaved_medians(runs, steps, warmup=3, device=device)
     result["ours_over_plain"] = result["ours_ms"] / result["plain_ms"]
     result["floor_over_plain"] = result["floor_ms"] / result["plain_ms"]
     return result
@@ -273,7 +269,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"batch_size": args.batch_size, "device": str(device), "steps": args.steps,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "sweep_steps": args.sweep_steps, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name(device)
     out.write_text(json.dumps({"meta": meta, "results": results, "width_sweep": swept}, indent=2))
     print(f"wrote {out}")
 

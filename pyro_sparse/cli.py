@@ -502,6 +502,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment", action="store_true",
                    help="random crops (padding 4) and horizontal flips of colour images, e.g. cifar10")
     t.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes (default 0)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16: the forward pass under bfloat16 autocast, for GPUs (vi, snr, ssvi; default fp32)")
     t.add_argument("--out", required=True, help="output folder (one run per folder)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out (options that define the run must match; --epochs and --lr "

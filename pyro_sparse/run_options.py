@@ -39,6 +39,7 @@ RUN_OPTIONS: dict[str, str] = {
     "update_every": DEFINES,
     "chains": DEFINES,
     "augment": DEFINES,
+    "precision": DEFINES,
     "finetune_epochs": SCHEDULE,
     "epochs": SCHEDULE,
     "lr": SCHEDULE,
@@ -55,7 +56,7 @@ RUN_OPTIONS: dict[str, str] = {
 
 # Options that only some methods read: the CLI rejects them for the others (recipe.OPTIONS).
 METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "finetune_lr", "update_every", "kl_weight",
-                  "warmup_epochs")
+                  "warmup_epochs", "precision")
 
 
 def flag(option: str) -> str:

@@ -166,11 +166,15 @@ def test_loaders_fit_cannot_take_are_refused_with_the_way_out(digits):
         training_loader(digits.train, 32, augment=True)
 
 
-def test_cli_trains_with_workers_and_refuses_augment_on_grey_images(tmp_path):
+def test_cli_trains_with_workers_and_bf16_and_refuses_augment_on_grey_images(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "pyro_sparse.cli", "train", "--method", "vi", "--epochs", "2",
-                           "--workers", "1", "--out", str(out)], capture_output=True, text=True)
+                           "--workers", "1", "--precision", "bf16", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "bf16" in (out / "history.csv").read_text().splitlines()[1]
+    em = subprocess.run([sys.executable, "-m", "pyro_sparse.cli", "train", "--method", "em-sghmc", "--precision",
+                         "bf16", "--out", str(tmp_path / "em")], capture_output=True, text=True)
+    assert em.returncode == 2 and "--precision does not apply to --method em-sghmc" in em.stderr
     refused = subprocess.run([sys.executable, "-m", "pyro_sparse.cli", "train", "--augment", "--epochs", "1",
                               "--out", str(tmp_path / "other")], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1

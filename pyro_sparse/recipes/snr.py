@@ -33,7 +33,8 @@ from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate of the dense phase (and of the fine-tuning unless --finetune-lr)
-OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr", "kl_weight", "warmup_epochs"})
+OPTIONS: frozenset[str] = frozenset({"sparsity", "finetune_epochs", "finetune_lr", "kl_weight", "warmup_epochs",
+                                     "precision"})
 DENSE_CHECKPOINT = "dense.pt"
 # Per phase checkpoint: the option that counts its epochs, and the name of its epochs in resume_changes.
 PHASE_EPOCHS = {DENSE_CHECKPOINT: "epochs", CHECKPOINT: "finetune_epochs"}
@@ -55,7 +56,8 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     sparsity = config["sparsity"] if config.get("sparsity") is not None else DEFAULT_SPARSITY
     epochs_ft = finetune_epochs(config)
     schedule = {"batch_size": config["batch_size"], "lr": config["lr"], "kl_weight": config["kl_weight"],
-                "device": config["device"], "seed": config["seed"], "resume": config["resume"], "metadata": config}
+                "device": config["device"], "seed": config["seed"], "resume": config["resume"], "metadata": config,
+                "precision": config.get("precision") or "fp32"}
     guide = SNRPruned(model)
     data = training_data(config, dataset)
     dense_history = fit(model, guide, data, epochs=config["epochs"], warmup_epochs=config["warmup_epochs"],

@@ -28,7 +28,7 @@ from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate
-OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs"})
+OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs", "precision"})
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 DEFAULT_DENSITY = 0.1
 DEFAULT_UPDATE_EVERY = 100
@@ -50,6 +50,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
         model, guide, training_data(config, dataset), epochs=config["epochs"], batch_size=config["batch_size"],
         lr=config["lr"], kl_weight=config["kl_weight"], warmup_epochs=config["warmup_epochs"], device=config["device"],
         seed=config["seed"], checkpoint=out / CHECKPOINT, resume=config["resume"], metadata=config,
+        precision=config.get("precision") or "fp32",
     )
     x_train, _ = as_tensors(dataset.train)
     examples = len(x_train) * len(history)
