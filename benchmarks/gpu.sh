@@ -11,14 +11,19 @@
 #
 #   bash benchmarks/gpu.sh                        # on a GPU: JSON, logs and runs in benchmarks/results/gpu/
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh     # a quick end-to-end check of the script without a GPU
-#                                                 # (results in benchmarks/results/gpu/quick-cpu/)
+#                                                 # (results in ${TMPDIR:-/tmp}/pyro-sparse-gpu-check-cpu/)
 #
-# Environment: DEVICE (cuda, cuda:1, cpu), QUICK=1 (a few steps per timing, two widths), PY (the Python
-# interpreter, default .venv/bin/python), RESULTS (the output folder; an absolute path is fine, e.g. $OUT/gpu on
-# the lent device machine), BUDGET (seconds all the pieces together may take, default 450: each piece is given at
-# most what is left of it and stopped by `timeout` past that, so the script ends with its table in time).
-# Each piece's output goes to $RESULTS/logs/<piece>.log; a failed or stopped piece is reported (with its log's
-# tail), the others still run, its rows read "missing", and the script exits 1 after the table.
+# Environment:
+#   DEVICE     cuda (default), cuda:1, cpu
+#   QUICK=1    3 rounds per timing and widths 128,400 only (a check of the script, not figures)
+#   PY         the Python interpreter (default .venv/bin/python)
+#   RESULTS    the output folder (an absolute path is fine, e.g. $OUT/gpu on the lent device machine)
+#   BUDGET     seconds all the pieces together may take (default 450): each piece gets at most what is left
+#              and is stopped by `timeout` past that, so the table still comes before 8 minutes
+#   KEEP_RUNS=1  keep the runs' *.pt and posterior.nc (deleted after the table by default: the figures are
+#              the JSON files and each run's metrics.json)
+# Each piece's output goes to $RESULTS/logs/<piece>.log; a failed or stopped piece is reported with its log's
+# tail, the others still run, its rows in the table read "missing", and the script exits 1 after the table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,8 +33,8 @@ QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-450}
 if [[ "$DEVICE" == cuda* && "$QUICK" == 0 ]]; then
     RESULTS=${RESULTS:-benchmarks/results/gpu}
-else
-    RESULTS=${RESULTS:-benchmarks/results/gpu/quick-${DEVICE//:/-}}
+else  # a check of the script, not figures: outside the repository, so that nobody commits it
+    RESULTS=${RESULTS:-${TMPDIR:-/tmp}/pyro-sparse-gpu-check-${DEVICE//:/-}}
 fi
 started=$SECONDS
 
@@ -53,8 +58,12 @@ if [[ "$DEVICE" == cuda* ]]; then
 else
     echo "$DEVICE: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)"
 fi
-"$PY" -c 'import torch, pyro, pyro_sparse; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), pyro {pyro.__version__}")'
+"$PY" -c 'import pyro, pyro_sparse, torch; print("torch", torch.__version__, "CUDA", torch.version.cuda,
+                                                  "pyro", pyro.__version__)'
 
+# Nothing of an earlier run in $RESULTS may pass for this one's (ssvi.py merges into its JSON).
+rm -rf "$RESULTS"/{step_time.json,ssvi_steps.json,em_sghmc_step.json,logs,table.txt} \
+    "$RESULTS"/{run-vi,run-snr,run-ssvi,run-em-sghmc}
 mkdir -p "$RESULTS/logs"
 : > "$RESULTS/pieces.tsv"
 failed=0
@@ -65,21 +74,23 @@ piece() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - (SECONDS - started)))
-    ((left < limit)) && limit=$left
-    if ((limit < 10)); then
+    if ((left < 10)); then
         printf '%-16s skipped: the budget of %s s is spent\n' "$name" "$BUDGET"
         printf '%s\tskipped\t0\n' "$name" >> "$RESULTS/pieces.tsv"
         failed=1
         return 0
     fi
-    local t0=$SECONDS status=ok
-    if ! timeout --kill-after=10 "$limit" "$@" > "$RESULTS/logs/$name.log" 2>&1; then
-        status=failed
-        failed=1
-    fi
+    ((left < limit)) && limit=$left
+    local t0=$SECONDS status=ok rc=0
+    timeout --kill-after=10 "$limit" "$@" > "$RESULTS/logs/$name.log" 2>&1 || rc=$?
     local took=$((SECONDS - t0))
-    ((took >= limit)) && [[ $status == failed ]] && status="stopped at ${limit} s"
-    printf '%-16s %-20s %4d s\n' "$name" "$status" "$took"
+    if ((rc == 124 || rc == 137)); then
+        status="stopped at ${limit} s"
+    elif ((rc != 0)); then
+        status="failed (exit $rc)"
+    fi
+    [[ $status == ok ]] || failed=1
+    printf '%-16s %-22s %4d s\n' "$name" "$status" "$took"
     printf '%s\t%s\t%d\n' "$name" "$status" "$took" >> "$RESULTS/pieces.tsv"
     if [[ $status != ok ]]; then
         tail -n 15 "$RESULTS/logs/$name.log" | sed 's/^/    | /'
@@ -128,13 +139,15 @@ def ms(value):
 
 def missing(check, piece):
     status = pieces.get(piece, ("not run", 0))[0]
-    rows.append((check, "missing", "-", "-", "-", f"{piece}: {status}, see logs/{piece}.log"))
+    log = results / "logs" / f"{piece}.log"
+    rows.append((check, "missing", "-", "-", "-", f"{piece}: {status}" + (f", see {log}" if log.is_file() else "")))
 
 
 step_time = load("step_time.json")
 if step_time:
     for net, r in step_time["results"].items():
-        rows.append(("dense VI (b) / Adam (a)", net, ms(r["ours_ms"]), ms(r["plain_ms"]), f"{r['ours_over_plain']:.2f}",
+        rows.append(("dense VI (b) / Adam (a)", net, ms(r["ours_ms"]), ms(r["plain_ms"]),
+                     f"{r['ours_over_plain']:.2f}",
                      f"draws {r['weight_draws_over_plain']:.2f}x, Pyro SVI {r['pyro_svi_ms']:.2f} ms "
                      f"({r['pyro_over_ours']:.2f}x ours), fused idiom {r['fused_idiom_over_ours']:.2f}x ours"))
     for net, r in step_time.get("width_sweep", {}).items():
@@ -185,5 +198,8 @@ for row in [header, *rows]:
           + "  " + row[5])
 EOF
 
+if [[ "${KEEP_RUNS:-0}" == 0 ]]; then
+    find "$RESULTS"/run-* \( -name '*.pt' -o -name '*.nc' \) -delete 2>/dev/null || true
+fi
 echo "elapsed $((SECONDS - started)) s (budget $BUDGET s for the pieces; results in $RESULTS)"
 exit "$failed"

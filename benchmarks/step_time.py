@@ -58,14 +58,19 @@ NETS = {
 
 
 class PyroIdiom(PyroModule):
-    """A network in Pyro's BNN idiom: its Linear / Conv weights ``PyroSample`` N(0, 1), a Categorical likelihood."""
+    """A network in Pyro's BNN idiom: its Linear / Conv weights ``PyroSample`` N(0, 1), a Categorical likelihood.
 
-    def __init__(self, net: nn.Module):
+    The prior's parameters are made on ``device``: ``module.to(device)`` does not move a ``PyroSample``'s
+    distribution, and N(0.0, 1.0).expand(shape) would hold CPU tensors of the weight's shape."""
+
+    def __init__(self, net: nn.Module, device: torch.device):
         super().__init__()
         to_pyro_module_(net)
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
         for layer in net.modules():
             if isinstance(layer, nn.Linear | nn.Conv2d):
-                layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(layer.weight.dim()))
+                prior = dist.Normal(zero, one).expand(layer.weight.shape).to_event(layer.weight.dim())
+                layer.weight = PyroSample(prior)
         self.body = net
 
     def forward(self, x, y=None):
@@ -82,9 +87,9 @@ def idiom_and_guide(name: str, x: torch.Tensor, y: torch.Tensor,
     784-400-400-10 mlp with logits in the hundreds, whose saturated softmax makes denormal gradients that
     slow every product several-fold: a different step, not a comparable one)."""
     net = NETS[name]()
-    initial = {f"body.{path}": param.detach().clone() for path, param in net.named_parameters()
+    initial = {f"body.{path}": param.detach().to(device, copy=True) for path, param in net.named_parameters()
                if path.endswith("weight") and param.dim() > 1}
-    idiom = PyroIdiom(net).to(device)
+    idiom = PyroIdiom(net, device).to(device)
     guide = ps.MeanField(idiom, init_loc_fn=init_to_value(values=initial))
     guide.setup(x, y)
     return idiom, guide.to(device)
