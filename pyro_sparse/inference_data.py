@@ -197,12 +197,9 @@ def pyro_inference_data(posterior, model_args: tuple, model_kwargs: dict[str, An
     az = import_arviz()
     chains = posterior.chains
     per_chain = posterior.num_samples // chains
-    pointwise: dict[str, list[np.ndarray]] = {}
-    observed: dict[str, np.ndarray] = {}
-    for sites in posterior.observed_sites(*model_args, **model_kwargs):
-        for name, site in sites.items():
-            pointwise.setdefault(name, []).append(site["fn"].log_prob(site["value"]).double().cpu().numpy())
-            observed.setdefault(name, site["value"].detach().cpu().numpy())
+    pointwise = posterior.pointwise_log_likelihood(*model_args, **model_kwargs)
+    first = next(posterior.observed_sites(*model_args, **model_kwargs))
+    observed = {name: site["value"].detach().cpu().numpy() for name, site in first.items()}
 
     def shaped(value: torch.Tensor | np.ndarray) -> np.ndarray:
         array = value.detach().cpu().double().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -210,7 +207,7 @@ def pyro_inference_data(posterior, model_args: tuple, model_kwargs: dict[str, An
 
     variables = {name: shaped(value) for name, value in posterior.samples.items()}
     variables.update({name: shaped(value.reshape(-1)) for name, value in posterior.hyperparameters.items()})
-    log_likelihood = {name: shaped(np.stack(rows)) for name, rows in pointwise.items()}
+    log_likelihood = {name: shaped(values) for name, values in pointwise.items()}
     stats = {name: shaped(value.reshape(-1)) for name, value in posterior.sample_stats.items()}
     return az.from_dict(posterior=variables, log_likelihood=log_likelihood, observed_data=observed,
                         **({"sample_stats": stats} if stats else {}))

@@ -596,11 +596,11 @@ class EMSGHMC:
         if not self.world.active:
             return list(state.chains)
         local = [{"index": run.index, "num_sites": run.num_sites, **run.state_dict()} for run in state.chains]
-        gathered = [chain for part in gather_objects(_to_cpu(local), self.world) for chain in part]
+        gathered = [chain for part in gather_objects(_moved(local, "cpu"), self.world) for chain in part]
         device = state.chains[0].state.position.device
         chains = []
         for saved in sorted(gathered, key=lambda chain: chain["index"]):
-            saved = _to_device(saved, device)
+            saved = _moved(saved, device)
             chains.append(SimpleNamespace(
                 index=saved["index"], num_sites=saved["num_sites"], draws=saved["draws"], stats=saved["stats"],
                 trace=saved["trace"], inclusion=saved["inclusion"], saved=saved,
@@ -629,22 +629,12 @@ class EMSGHMC:
                             state.shared, self.initial_hyper, history, self.spike_scales)
 
 
-def _to_cpu(value: Any) -> Any:
-    """Tensors (nested in dicts, lists and tuples) moved to the CPU, for ``gather_objects``."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
+def _moved(value: Any, device: torch.device | str) -> Any:
+    """Tensors (nested in dicts, lists and tuples) moved to ``device``; everything else as it is."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {key: _moved(item, device) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_to_device(item, device) for item in value)
+        return type(value)(_moved(item, device) for item in value)
     return value
