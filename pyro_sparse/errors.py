@@ -52,4 +52,10 @@ class TrainingDiverged(RuntimeError):
         return f"training diverged at {self.where}: {self.what}; {kept}; lower {option_name} and {then}"
 
 
-__all__ = ["CheckpointError", "TrainingDiverged"]
+class UnitAnalysisError(ValueError):
+    """Structured (unit-level) sparsity asked of a network whose units cannot be found or removed:
+    ``torch.fx`` cannot trace it, or no layer has removable units. The message says why and what to
+    use instead (weight-level sparsity)."""
+
+
+__all__ = ["CheckpointError", "TrainingDiverged", "UnitAnalysisError"]

@@ -32,10 +32,12 @@ from .layers import (
     LocalReparameterization,
     enable_local_reparameterization,
     local_reparameterization,
+    substituted_parameters,
     substituted_weights,
 )
 from .likelihoods import Categorical, Likelihood
 from .priors import Gaussian, Prior
+from .units import UnitGroup, unit_groups, zeroed_parameters
 
 ParamFilter = Iterable[str] | Callable[[str, nn.Module, nn.Parameter], bool]
 
@@ -54,9 +56,12 @@ _INEXACT_LRT = {
 
 
 class MaskSource(Protocol):
-    """What a model reads its masks from (a ``MeanField`` guide): site name -> bool mask (True = active)."""
+    """What a model reads its masks from (a ``MeanField`` guide): site name -> bool mask (True = active),
+    and unit group name -> bool keep mask (size,) of the groups with removed units."""
 
     def masks(self) -> Mapping[str, torch.Tensor]: ...
+
+    def unit_masks(self) -> Mapping[str, torch.Tensor]: ...
 
 
 class _MaskLink:
@@ -166,6 +171,7 @@ class BayesianNetwork(nn.Module):
             name: (self.net.get_submodule(site.module_path), site.attribute) for name, site in self.sites.items()
         }
         self._mask_link = _MaskLink()
+        self._unit_groups: dict[str, UnitGroup] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Masks of pruned weights (kept by the guide)
@@ -180,6 +186,19 @@ class BayesianNetwork(nn.Module):
         if source is None:
             return {}
         return {name: mask for name, mask in source.masks().items() if name in self.sites and not bool(mask.all())}
+
+    def unit_masks(self) -> dict[str, torch.Tensor]:
+        """Unit group name -> bool keep mask (size,) of the groups with removed units (see ``units``)."""
+        source = self._mask_link.source
+        return {} if source is None else dict(source.unit_masks())
+
+    def unit_groups(self) -> dict[str, UnitGroup]:
+        """The network's removable unit groups (``units.unit_groups``), found once and kept.
+
+        Raises ``UnitAnalysisError`` when the network cannot be traced."""
+        if self._unit_groups is None:
+            self._unit_groups = unit_groups(self.net)
+        return self._unit_groups
 
     def site_prior(self, name: str, mask: torch.Tensor | None = None) -> dist.TorchDistribution:
         """The prior of site ``name`` (event shape = the weight's), with masked (pruned) coordinates
@@ -260,7 +279,12 @@ class BayesianNetwork(nn.Module):
                 those layers sample their pre-activations N(x·μ, x²·σ²) per example.
         """
         layers = self._site_layers
-        with local_reparameterization(layers, moments or {}), substituted_weights(layers, weights or {}):
+        unit_masks = self.unit_masks()
+        zeroed = {}
+        if unit_masks:  # removed units: bias and BatchNorm γ, β zero too, so their output is exactly zero
+            zeroed = zeroed_parameters(self.net, self.unit_groups(), unit_masks, skip=frozenset(self.sites))
+        with local_reparameterization(layers, moments or {}), substituted_weights(layers, weights or {}), \
+                substituted_parameters(self.net, zeroed):
             return self.net(x)
 
     @property

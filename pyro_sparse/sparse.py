@@ -35,6 +35,7 @@ from .guides.meanfield import MeanField
 from .layers import LocalReparameterization
 from .model import BayesianNetwork
 from .posterior import Posterior
+from .units import slice_network, weight_index
 
 MODES = ("mean", "samples")
 LAYOUTS = ("auto", "dense", "sparse")
@@ -174,6 +175,16 @@ class Ensemble(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Weights of the posterior
 # ----------------------------------------------------------------------------------------------
+def unit_keep_masks(posterior: MeanField | Posterior) -> dict[str, torch.Tensor]:
+    """Unit group name -> bool keep mask (size,) of the groups whose units a posterior removed
+    (a guide's ``unit_masks()``, a Posterior's ``unit_masks``; empty when none)."""
+    if isinstance(posterior, Posterior) and posterior.guide is not None:
+        posterior = posterior.guide
+    if isinstance(posterior, MeanField):
+        return posterior.unit_masks()
+    return dict(getattr(posterior, "unit_masks", {}) or {})
+
+
 def _posterior_weights(model: BayesianNetwork, posterior: MeanField | Posterior, mode: str,
                        num_samples: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """The weight sets to export (one for "mean", S for "samples") and each site's support mask."""
@@ -222,6 +233,23 @@ def _median_seconds(call: Callable[[], torch.Tensor], repeats: int = 9) -> float
             call()
             times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def _without_removed_units(net: nn.Module, model: BayesianNetwork, masks: Mapping[str, torch.Tensor],
+                           keep: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The smaller dense network without the removed units (``units.slice_network``) and the sites'
+    support masks cut to its shapes."""
+    groups = model.unit_groups()
+    small = slice_network(net, groups, keep)
+    index = weight_index(net, groups, keep)
+    sliced = dict(masks)
+    for name, site in model.sites.items():
+        rows, columns = index.get(site.module_path, (None, None)) if site.attribute == "weight" else (None, None)
+        if rows is not None:
+            sliced[name] = sliced[name].index_select(0, rows.to(sliced[name].device))
+        if columns is not None:
+            sliced[name] = sliced[name].index_select(1, columns.to(sliced[name].device))
+    return small, sliced
 
 
 def _sparsify(net: nn.Module, model: BayesianNetwork, masks: Mapping[str, torch.Tensor], layout: str,
@@ -277,6 +305,10 @@ def export(
             with the gather kernel, and pruned convolutions stored sparsely; "auto": the same storage,
             each Linear layer using the gather kernel from the batch size on which it was timed faster
             than a cached dense weight (timed up to ``batch_size``), the dense weight below it.
+
+    Removed units (structured sparsity: ``guide.unit_masks()``, a Posterior's ``unit_masks``) are cut
+    out in every layout: the exported network has fewer neurons and channels (``units.slice_network``),
+    and only the weights pruned inside the kept units are left for the sparse storage.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -287,15 +319,19 @@ def export(
     if not isinstance(posterior, MeanField | Posterior):
         raise ValueError(f"posterior must be a MeanField guide or a Posterior, got {type(posterior).__name__}")
     weight_sets, masks = _posterior_weights(model, posterior, mode, num_samples)
-    pruned = sum(int((~mask).sum()) for mask in masks.values())
-    if layout == "sparse" and pruned == 0:
-        raise ValueError("export(layout='sparse') needs a pruned posterior, but no weight is pruned; prune the "
-                         "guide first (e.g. SNRPruned.prune) or export with layout='dense'")
+    keep = unit_keep_masks(posterior)
     networks = []
     for weights in weight_sets:
         net = _plain_network(model, weights)
+        site_masks = masks
+        if keep:
+            net, site_masks = _without_removed_units(net, model, masks, keep)
+        pruned = sum(int((~mask).sum()) for mask in site_masks.values())
+        if layout == "sparse" and pruned == 0 and not keep:
+            raise ValueError("export(layout='sparse') needs a pruned posterior, but no weight is pruned; prune the "
+                             "guide first (e.g. SNRPruned.prune) or export with layout='dense'")
         if layout != "dense" and pruned:
-            net = _sparsify(net, model, masks, layout, batch_size)
+            net = _sparsify(net, model, site_masks, layout, batch_size)
         networks.append(net)
     return networks[0] if mode == "mean" else Ensemble(networks).eval()
 

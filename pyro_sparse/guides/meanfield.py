@@ -40,9 +40,11 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from ..distributions import MaskedNormal
+from ..errors import UnitAnalysisError
 from ..model import BayesianNetwork, Site
 from ..priors import Prior
 from ..pyro_model import AUXILIARY_SUFFIX, InitLocFn, TracedSite, masked_model, trace_sites
+from ..units import UnitGroup, count_units, weight_masks
 from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
@@ -241,6 +243,28 @@ GuideSite = MeanFieldSite | CompactSite
 """Either storage of a site (same interface)."""
 
 
+class UnitKeepMasks(nn.Module):
+    """The removed units of a guide: one bool buffer (size,) per unit group with a removed unit
+    (True = kept), named after the group (dots as "__"). Buffers move with the guide and are saved
+    in its state dict; loading creates the ones a saved guide had."""
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, mask in self._buffers.items():
+            yield key.replace("__", "."), mask
+
+    def set(self, name: str, keep: torch.Tensor) -> None:
+        self._buffers[_key(name)] = keep.to(torch.bool).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._buffers.clear()
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and "." not in key[len(prefix):]:
+                self._buffers[key[len(prefix):]] = torch.empty_like(value)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
 def check_model(model) -> None:
     if not isinstance(model, BayesianNetwork):
         raise ValueError(f"model must be a pyro_sparse.BayesianNetwork, got {type(model).__name__}")
@@ -307,9 +331,12 @@ class MeanField(nn.Module):
         self._compact = compact if callable(compact) else dict(compact or {})
         self._init_loc_fn = init_loc_fn
         self._traced_model: list[Callable] = []  # a list: the model is not a submodule of the guide
+        self._network_model: list[BayesianNetwork] = []  # the same, for a BayesianNetwork (its units)
+        self.unit_keep = UnitKeepMasks()
         self._built = False
         if isinstance(model, BayesianNetwork):
             self._build(dict(model.sites), {site: model.initial_value(site) for site in model.sites})
+            self._network_model.append(model)
             model.use_masks(self)
         else:
             self._traced_model.append(model)
@@ -436,6 +463,72 @@ class MeanField(nn.Module):
         if mask.shape != site.shape:
             raise ValueError(f"mask for {name!r} must have shape {tuple(site.shape)}, got {tuple(mask.shape)}")
         site.set_mask(mask)
+
+    # ----------------------------------------------------------------------------------------
+    # Units (structured sparsity: ``pyro_sparse.units``)
+    # ----------------------------------------------------------------------------------------
+    def unit_groups(self) -> dict[str, UnitGroup]:
+        """The removable unit groups of the model's network (``BayesianNetwork.unit_groups``)."""
+        if not self._network_model:
+            raise UnitAnalysisError(
+                "unit-level sparsity needs a ps.BayesianNetwork (its layers are known); this guide traces a Pyro "
+                "model: wrap the network as ps.BayesianNetwork(net, dataset_size=N), or use structure='weight'"
+            )
+        groups = self._network_model[0].unit_groups()
+        if not groups:
+            raise UnitAnalysisError(
+                "the network has no removable units (every layer's output reaches the logits or an operation "
+                "that unit removal cannot follow, see pyro_sparse.units): use structure='weight'"
+            )
+        return groups
+
+    def unit_masks(self) -> dict[str, torch.Tensor]:
+        """Unit group name -> bool keep mask (size,), for the groups with at least one removed unit."""
+        return {name: mask for name, mask in self.unit_keep.items() if not bool(mask.all())}
+
+    @torch.no_grad()
+    def set_unit_mask(self, name: str, keep: torch.Tensor) -> None:
+        """Make ``keep`` (bool (size,), True = kept) the units of group ``name``.
+
+        A removed unit takes its incoming weights (rows of its producers' weights) and the matching
+        inputs of its readers (their columns / input channels) out of q: their masks are cleared;
+        the model zeroes its bias and BatchNorm γ, β while it is removed (``BayesianNetwork.apply``).
+        A unit that comes back gets those weights back (active, with the μ and ρ they kept).
+        """
+        groups = self.unit_groups()
+        if name not in groups:
+            raise ValueError(f"no unit group {name!r}; groups are {list(groups)}")
+        keep = torch.as_tensor(keep).to(torch.bool)
+        if keep.shape != (groups[name].size,):
+            raise ValueError(f"keep mask of {name!r} must have shape ({groups[name].size},), got {tuple(keep.shape)}")
+        if not bool(keep.any()):
+            raise ValueError(f"keep at least one unit of {name!r}: a layer without units cuts the network")
+        model = self._network_model[0]
+        paths = {site: info.module_path for site, info in self.site_info.items()
+                 if getattr(info, "attribute", None) == "weight"}
+        before = dict(self.unit_keep.items())
+        old_area = weight_masks(model.net, groups, before, paths)
+        self.unit_keep.set(name, keep.to(self.unit_keep_device()))
+        new_area = weight_masks(model.net, groups, dict(self.unit_keep.items()), paths)
+        for site in set(old_area) | set(new_area):
+            mask = self.site(site).mask
+            old = old_area.get(site, torch.ones_like(mask))
+            new = new_area.get(site, torch.ones_like(mask))
+            self.set_mask(site, (mask | ~old) & new)
+
+    def unit_keep_device(self) -> torch.device:
+        return next(iter(self.sites.values())).loc.device
+
+    def unit_keep_mask(self, name: str) -> torch.Tensor:
+        """The bool keep mask (size,) of unit group ``name`` (all True when none of its units is removed)."""
+        for group_name, mask in self.unit_keep.items():
+            if group_name == name:
+                return mask
+        return torch.ones(self.unit_groups()[name].size, dtype=torch.bool, device=self.unit_keep_device())
+
+    def unit_counts(self) -> tuple[int, int]:
+        """(units in the removable groups, units active), counted over ``unit_groups``."""
+        return count_units(self.unit_groups(), self.unit_masks())
 
     @torch.no_grad()
     def scale_sums(self) -> dict[str, tuple[torch.Tensor, int]]:

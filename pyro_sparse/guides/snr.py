@@ -45,6 +45,8 @@ from .meanfield import MeanField
 
 SCOPES = ("layer", "global")
 PRUNED = ("zero", "noise")
+STRUCTURES = ("weight", "unit")
+UNIT_SCORES = ("energy", "mean_snr")
 PAPER_SETTING: dict[str, Any] = {"scope": "global", "finetune_epochs": 0}
 """Sharma & Jennings' setting for ``snr_sweep``: one SNR threshold on all layers, no fine-tuning
 (add ``pruned="noise"`` to reproduce their pruned weights as noise as well)."""
@@ -102,8 +104,10 @@ class SNRPruned(MeanField):
         sparsity: float | None = None,
         scope: str = "global",
         pruned: str = "zero",
+        structure: str = "weight",
+        unit_score: str = "energy",
     ) -> dict[str, torch.Tensor]:
-        """Remove the weights of lowest SNR = |μ| / σ. Exactly one of ``threshold`` / ``sparsity``.
+        """Remove the weights (or whole units) of lowest SNR = |μ| / σ. Exactly one of ``threshold`` / ``sparsity``.
 
         Args:
             threshold: remove every weight with SNR < threshold (one absolute threshold, all layers).
@@ -118,10 +122,26 @@ class SNRPruned(MeanField):
             pruned: "zero" (default): pruned weights get μ = σ = 0, masked out of the model.
                 "noise": BPrune's flaw, for comparison only: μ = 0 and σ = softplus(0) ≈ 0.69, the
                 weights stay active (they are noise, not zeros: ``sparsity`` does not count them).
+            structure: "weight" (default): single weights; "unit": whole units (neurons, conv channels,
+                channels tied by a residual addition together, see ``pyro_sparse.units``), each with its
+                incoming weights, bias, BatchNorm channel and the next layers' inputs from it, leaving a
+                smaller dense network (``ps.sparse.export``). ``sparsity`` is then the fraction of the
+                removable units (the output layer's are never removed; every layer keeps one), and
+                ``threshold`` applies to the unit score below.
+            unit_score: how units are ranked (``structure="unit"``): "energy" (default), the group SNR
+                √(Σ μ² / Σ σ²) over the unit's incoming weights (the SNR of the unit's weight vector as a
+                whole: one weight's |μ|/σ for a single weight; a few strong weights outweigh many weak
+                ones), or "mean_snr", the mean |μ| / σ of those weights (benchmarks/structured.py
+                compares them).
 
         Pruning only removes: weights pruned before stay pruned. Returns the mask of the weights
-        this call selected, site name -> bool tensor (True = removed now).
+        (``structure="weight"``) or units (``"unit"``: group name -> bool (size,)) this call selected
+        (True = removed now).
         """
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if structure == "unit":
+            return self._prune_units(threshold, sparsity, scope, pruned, unit_score)
         if (threshold is None) == (sparsity is None):
             raise ValueError("give exactly one of threshold= and sparsity=")
         if scope not in SCOPES:
@@ -156,6 +176,86 @@ class SNRPruned(MeanField):
                 site.mask.masked_fill_(remove, False)
             else:
                 site.rho.masked_fill_(remove, 0.0)
+        return selected
+
+    @torch.no_grad()
+    def unit_scores(self, score: str = "energy") -> dict[str, torch.Tensor]:
+        """Unit group name -> the score (size,) of each unit (see ``prune``'s ``unit_score``); 0 for a
+        unit removed before. Ratios over a unit's incoming weights, so units of layers of different
+        fan-in compare on one scale."""
+        if score not in UNIT_SCORES:
+            raise ValueError(f"unit_score must be one of {UNIT_SCORES}, got {score!r}")
+        scores = {}
+        sites_of = {info.module_path: name for name, info in self.site_info.items()
+                    if getattr(info, "attribute", None) == "weight"}
+        for group_name, group in self.unit_groups().items():
+            numerator = denominator = None
+            for path in group.producers:
+                if path not in sites_of:
+                    continue  # a deterministic producer: its units are judged by the Bayesian ones
+                site = self.site(sites_of[path])
+                loc, scale, _ = site.variational()
+                loc, scale = loc.flatten(1), scale.flatten(1)
+                active = site.mask.flatten(1).to(loc.dtype)
+                if score == "energy":
+                    top, bottom = (loc * loc).sum(1), (scale * scale).sum(1)
+                else:
+                    top = (loc.abs() / torch.where(active > 0, scale, torch.ones_like(scale))).sum(1)
+                    bottom = active.sum(1)
+                numerator = top if numerator is None else numerator + top
+                denominator = bottom if denominator is None else denominator + bottom
+            if numerator is None:
+                continue
+            ratio = numerator / denominator.clamp(min=torch.finfo(numerator.dtype).tiny)
+            scores[group_name] = ratio.sqrt() if score == "energy" else ratio
+        return scores
+
+    def _prune_units(self, threshold: float | None, sparsity: float | None, scope: str, pruned: str,
+                     unit_score: str) -> dict[str, torch.Tensor]:
+        """``prune(structure="unit")``: see there."""
+        if pruned != "zero":
+            raise ValueError("pruned='noise' is a weight-level comparison only: use pruned='zero' with "
+                             "structure='unit'")
+        if (threshold is None) == (sparsity is None):
+            raise ValueError("give exactly one of threshold= and sparsity=")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if threshold is not None:
+            bad = not isinstance(threshold, int | float) or isinstance(threshold, bool)
+            if bad or not math.isfinite(threshold) or threshold < 0:
+                raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        else:
+            sparsity = check_fraction("sparsity", sparsity)
+        self._check_trained()
+        scores = self.unit_scores(unit_score)
+        if not scores:
+            raise ValueError("no unit group has a Bayesian producer layer: nothing to prune by unit")
+        kept_before = {name: self.unit_keep_mask(name) for name in scores}
+        # units removed before rank first (score −1) and stay removed; one unit per layer always stays
+        ranked = {name: torch.where(kept_before[name], score, torch.full_like(score, -1.0))
+                  for name, score in scores.items()}
+        if threshold is not None:
+            remove = {name: score < threshold for name, score in ranked.items()}
+            self.pruned_threshold = float(threshold)
+        elif scope == "layer":
+            remove = {name: _lowest(score, round(sparsity * score.numel())) for name, score in ranked.items()}
+            self.pruned_threshold = {name: _threshold(scores[name], chosen) for name, chosen in remove.items()}
+        else:
+            flat = torch.cat(list(ranked.values()))
+            chosen = _lowest(flat, round(sparsity * flat.numel())).split([r.numel() for r in ranked.values()])
+            remove = {name: part for name, part in zip(ranked, chosen, strict=True)}
+            self.pruned_threshold = _threshold(torch.cat(list(scores.values())), torch.cat(chosen))
+        selected = {}
+        for name, removed in remove.items():
+            removed = removed | ~kept_before[name]
+            if bool(removed.all()):  # keep the best unit of a layer the rule would empty
+                removed[int(ranked[name].argmax())] = False
+            selected[name] = removed & kept_before[name]
+            if bool(selected[name].any()):
+                self.set_unit_mask(name, ~removed)
+        for _, site in self.named_sites():
+            if not site.is_dense():
+                site.loc.mul_(site.mask)
         return selected
 
     def on_step_end(self, state) -> None:
