@@ -35,6 +35,7 @@ RUN_OPTIONS: dict[str, str] = {
     "seed": DEFINES,
     "warmup_epochs": DEFINES,
     "sparsity": DEFINES,
+    "structure": DEFINES,
     "density": DEFINES,
     "update_every": DEFINES,
     "chains": DEFINES,
@@ -56,7 +57,7 @@ RUN_OPTIONS: dict[str, str] = {
 
 # Options that only some methods read: the CLI rejects them for the others (recipe.OPTIONS).
 METHOD_OPTIONS = ("sparsity", "density", "chains", "finetune_epochs", "finetune_lr", "update_every", "kl_weight",
-                  "warmup_epochs", "precision")
+                  "warmup_epochs", "precision", "structure")
 
 
 def flag(option: str) -> str:
