@@ -425,35 +425,46 @@ def evaluate_run(directory: str, samples: int | None = None, data_root: str | No
                         "finished": finished, "epoch": epoch, "checkpoint": latest.name, **results})
 
 
-# The demo: each method at its default settings on digits (the methods' own default sparsity or density).
+# The demo: each method at its default settings on digits (the methods' own default sparsity or density), and
+# SNR pruning of whole units, whose exported network is smaller and faster.
 DEMO_RUNS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("vi", {}),
     ("snr", {"sparsity": 0.9}),
     ("ssvi", {"density": 0.1}),
     ("em-sghmc", {"sparsity": 0.9}),
+    ("snr", {"sparsity": 0.75, "structure": "unit"}),
 )
-DEMO_COLUMNS = ("method", "accuracy", "ece", "nll", "sparsity", "export_kB", "dense_export_kB", "train_seconds")
+DEMO_COLUMNS = ("method", "structure", "accuracy", "ece", "nll", "sparsity", "units", "export_kB", "dense_export_kB",
+                "speedup_b1", "speedup_b1024", "train_seconds")
 
 
 def demo(out: str, epochs: int) -> list[dict[str, Any]]:
-    """The main job on the embedded digits data: dense VI, SNR pruning to 90 %, SSVI at density 0.1 and
-    EM-SGHMC at 90 %, each with its defaults; prints one table (accuracy, calibration, sparsity, and the
-    size of the exported network against the dense one)."""
+    """The main job on the embedded digits data: dense VI, SNR pruning to 90 %, SSVI at density 0.1,
+    EM-SGHMC at 90 % and SNR pruning of 75 % of the hidden units, each with its defaults; prints one table
+    (accuracy, calibration, sparsity, the size of the exported network against the dense one, and how many
+    times faster it runs than the dense network at batch 1 and 1024, measured at the end of each run)."""
     rows = []
     for method, options in DEMO_RUNS:
-        run = Path(out) / method
+        structure = options.get("structure", "weight")
+        run = Path(out) / (method if structure == "weight" else f"{method}-{structure}")
         config = default_config(method=method, net="mlp", data="digits", epochs=epochs, out=str(run),
                                 overwrite=True, **options)  # the demo always trains afresh
         print(f"training {method} ({', '.join(f'{k} {v}' for k, v in options.items()) or 'dense'}) on digits ...",
               flush=True)
         record = train(config)
+        record["structure"] = structure
+        record["units"] = f"{record['units_active']}/{record['units_total']}"
         record["export_kB"] = record["export_bytes"] / 1000
         record["dense_export_kB"] = record["dense_export_bytes"] / 1000
+        record["speedup_b1"] = record["export_speedup_batch_1"]
+        record["speedup_b1024"] = record["export_speedup_batch_1024"]
         rows.append(record)
     print()
     print(format_table(rows, DEMO_COLUMNS))
-    print(f"\nexport_kB: the posterior-mean network exported by ps.sparse.export (CSR where sparse) against the "
-          f"dense network.\nOutputs (metrics.json, history.csv, checkpoint.pt, PNG plots) in {out}/<method>/")
+    print(f"\nexport_kB: the posterior-mean network exported by ps.sparse.export (removed units cut out, CSR where "
+          f"sparse) against the dense network; speedup_b1 / speedup_b1024: how many times faster it runs than the "
+          f"dense network at batch 1 / 1024, timed side by side on this machine.\nunits: hidden units kept / all. "
+          f"Outputs (metrics.json, history.csv, checkpoint.pt, PNG plots) in {out}/<method>/")
     return rows
 
 

@@ -86,16 +86,22 @@ def test_evaluate_needs_a_run_folder(tmp_path, capsys):
     assert "no checkpoint.pt in" in capsys.readouterr().err
 
 
-def test_demo_prints_the_four_methods_with_sparsity_and_size(tmp_path, capsys):
+def test_demo_prints_the_four_methods_and_a_unit_level_run(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path), "--epochs", "4"]) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("method"):].splitlines()
-    assert table[0].split()[:6] == ["method", "accuracy", "ece", "nll", "sparsity", "export_kB"]
-    rows = {line.split()[0]: line.split() for line in table[2:6]}
-    assert sorted(rows) == ["em-sghmc", "snr", "ssvi", "vi"]
-    assert float(rows["vi"][4]) == 0.0 and all(float(rows[m][4]) == 0.9 for m in ("snr", "ssvi", "em-sghmc"))
-    assert all(float(rows[m][5]) < 0.5 * float(rows[m][6]) for m in ("snr", "ssvi"))  # CSR export is smaller
-    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["em-sghmc", "snr", "ssvi", "vi"]
+    assert table[0].split() == ["method", "structure", "accuracy", "ece", "nll", "sparsity", "units", "export_kB",
+                                "dense_export_kB", "speedup_b1", "speedup_b1024", "train_seconds"]
+    rows = {(line.split()[0], line.split()[1]): line.split() for line in table[2:7]}
+    assert sorted(rows) == [("em-sghmc", "weight"), ("snr", "unit"), ("snr", "weight"), ("ssvi", "weight"),
+                            ("vi", "weight")]
+    assert float(rows["vi", "weight"][5]) == 0.0
+    assert all(float(rows[m, "weight"][5]) == 0.9 for m in ("snr", "ssvi", "em-sghmc"))
+    assert all(float(rows[m, "weight"][7]) < 0.5 * float(rows[m, "weight"][8]) for m in ("snr", "ssvi"))  # CSR
+    unit = rows["snr", "unit"]
+    assert unit[6] == "25/100" and float(unit[7]) < 0.3 * float(unit[8])  # 25 of 100 hidden units: a 64-25-10 net
+    assert float(unit[9]) > 0 and float(unit[10]) > 0  # measured speed-ups (their size depends on the machine)
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["em-sghmc", "snr", "snr-unit", "ssvi", "vi"]
 
 
 def _write_idx(path: Path, array) -> None:

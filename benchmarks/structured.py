@@ -1,0 +1,115 @@
+"""Weight- against unit-level sparsity on Fashion-MNIST: accuracy, calibration and measured inference speed.
+
+Every row is one ``pyro-sparse train`` run with the CLI's defaults (what a user gets) except ``--epochs``
+and the method's sparsity option, on the full Fashion-MNIST training split (60,000 images), evaluated on
+its test split (10,000). The speed-ups are the run's own ``metrics.json`` figures: the exported
+posterior-mean network (``ps.sparse.export``: removed units cut out, CSR where weights are pruned inside
+the kept units) against the dense network with the same weights, one forward pass each at batch 1 and
+batch 1024, timed side by side at the end of the run (``ps.sparse.speedups``: interleaved rounds,
+ratio of medians). Acceptance (issue 14): a unit-level posterior whose export is ≥ 2× faster than the
+dense one at batch 1024 and ≥ 1.5× at batch 1, accuracy within 1 point of dense VI, ECE ≤ dense VI's
++ 0.01, for mlp 784-400-400-10 and lenet5.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/structured.py [--nets mlp lenet5] [--epochs 10]
+        [--runs vi snr-weight snr-unit ...] [--data-root ../shared/data] [--jobs 2]
+
+Runs are cached in ``runs/structured/<net>/<run>`` (a finished run is not retrained; delete the folder
+to retrain); the table goes to stdout and ``benchmarks/results/structured.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (label, extra CLI arguments)
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "vi": ("dense VI", ["--method", "vi"]),
+    "snr-weight": ("SNR, weights", ["--method", "snr", "--structure", "weight"]),
+    "snr-unit": ("SNR, units", ["--method", "snr", "--structure", "unit"]),
+    "ssvi-weight": ("SSVI, weights", ["--method", "ssvi", "--structure", "weight"]),
+    "ssvi-unit": ("SSVI, units", ["--method", "ssvi", "--structure", "unit"]),
+    "em-weight": ("EM-SGHMC, weights", ["--method", "em-sghmc", "--structure", "weight"]),
+    "em-unit": ("EM-SGHMC, units", ["--method", "em-sghmc", "--structure", "unit"]),
+    "horseshoe-unit": ("horseshoe, units", ["--method", "snr", "--prior", "horseshoe", "--structure", "unit"]),
+}
+COLUMNS = ("accuracy", "ece", "nll", "sparsity", "units_active", "units_total", "export_speedup_batch_1",
+           "export_speedup_batch_1024", "export_bytes", "dense_export_bytes", "train_seconds")
+
+
+def train(net: str, run: str, epochs: int, data_root: str, root: Path) -> dict:
+    """One CLI run (or its cached result): its metrics.json as a dict."""
+    out = root / net / run
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        return json.loads(metrics.read_text())
+    command = [sys.executable, "-m", "pyro_sparse.cli", "train", "--net", net, "--data", "fashion-mnist",
+               "--data-root", data_root, "--epochs", str(epochs), "--batch-size", "128", "--out", str(out),
+               "--overwrite", *RUNS[run][1]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(metrics.read_text())
+
+
+def row(net: str, run: str, record: dict, dense: dict | None) -> dict:
+    values = {"net": net, "run": RUNS[run][0], **{key: record.get(key) for key in COLUMNS}}
+    if dense is not None:
+        values["accuracy_gap_points"] = 100 * (record["accuracy"] - dense["accuracy"])
+        values["ece_excess"] = record["ece"] - dense["ece"]
+        values["meets_target"] = bool(
+            record.get("units_active", 0) < record.get("units_total", 0)
+            and record["export_speedup_batch_1024"] >= 2.0 and record["export_speedup_batch_1"] >= 1.5
+            and values["accuracy_gap_points"] >= -1.0 and values["ece_excess"] <= 0.01
+        )
+    return values
+
+
+def format_row(values: dict) -> str:
+    def number(key: str, spec: str) -> str:
+        value = values.get(key)
+        return "—" if value is None else format(value, spec)
+
+    units = f"{values['units_active']}/{values['units_total']}" if values.get("units_total") else "—"
+    return (f"| {values['net']} | {values['run']} | {number('accuracy', '.4f')} | "
+            f"{number('accuracy_gap_points', '+.2f')} | {number('ece', '.4f')} | {number('sparsity', '.3f')} | "
+            f"{units} | "
+            f"{number('export_speedup_batch_1', '.2f')} | {number('export_speedup_batch_1024', '.2f')} | "
+            f"{values['export_bytes'] / 1e3:.0f} / {values['dense_export_bytes'] / 1e3:.0f} | "
+            f"{number('train_seconds', '.0f')} | {'yes' if values.get('meets_target') else 'no'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=["mlp", "lenet5"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
+    parser.add_argument("--root", default=str(REPO_ROOT / "runs" / "structured"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each on one thread)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "structured.json"))
+    args = parser.parse_args()
+    runs = ["vi", *[run for run in args.runs if run != "vi"]]
+    jobs = [(net, run) for net in args.nets for run in runs]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        records = dict(zip(jobs, pool.map(lambda job: train(*job, args.epochs, args.data_root, Path(args.root)),
+                                          jobs), strict=True))
+    rows = [row(net, run, records[net, run], None if run == "vi" else records[net, "vi"]) for net, run in jobs]
+    print("| net | run | accuracy | Δ vs dense VI (points) | ECE | weight sparsity | units active | "
+          "speed-up batch 1 | speed-up batch 1024 | export / dense kB | train s | target met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for values in rows:
+        print(format_row(values))
+    Path(args.out).write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
