@@ -2,7 +2,8 @@
 
 Every row is one ``pyro-sparse train`` run with the CLI's defaults (what a user gets) except ``--epochs``,
 ``--batch-size 128`` and ``--hidden 400 400`` for the mlp (784-400-400-10), on the full Fashion-MNIST
-training split (60,000 images), evaluated on its test split (10,000). The speed-ups are the run's own ``metrics.json`` figures: the exported
+training split (60,000 images), evaluated on its test split (10,000). The speed-ups are the run's own
+``metrics.json`` figures: the exported
 posterior-mean network (``ps.sparse.export``: removed units cut out, CSR where weights are pruned inside
 the kept units) against the dense network with the same weights, one forward pass each at batch 1 and
 batch 1024, timed side by side at the end of the run (``ps.sparse.speedups``: interleaved rounds,
