@@ -14,6 +14,7 @@ from . import (
     priors,
     pyro_model,
     sparse,
+    units,
 )
 from .evaluation import evaluate
 from .guides import MeanField, SNRPruned, SparseSubspace
@@ -51,4 +52,5 @@ __all__ = [
     "pyro_model",
     "sample_sghmc",
     "sparse",
+    "units",
 ]
