@@ -93,7 +93,7 @@ def format_row(values: dict) -> str:
             f"{number('train_seconds', '.0f')} | {'yes' if values.get('meets_target') else 'no'} |")
 
 
-def compare_scores(net: str, root: Path, data_root: str, out: Path) -> None:
+def compare_scores(net: str, root: Path, data_root: str) -> list[dict]:
     """``--part scores``: see the module docstring."""
     import copy
 
@@ -129,7 +129,7 @@ def compare_scores(net: str, root: Path, data_root: str, out: Path) -> None:
                          "ece_finetuned": after["ece"]})
             print(f"| {net} | {sparsity:.0%} | {score} | {kept} | {before['accuracy']:.4f} | "
                   f"{after['accuracy']:.4f} | {after['ece']:.4f} |", flush=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 def main() -> None:
@@ -146,9 +146,8 @@ def main() -> None:
     if args.part == "scores":
         print("| net | units removed | score | units kept | accuracy pruned | after 1 epoch fine-tuning | ECE |")
         print("|---|---|---|---|---|---|---|")
-        for net in args.nets:
-            compare_scores(net, Path(args.root), args.data_root,
-                           Path(args.out).with_name("structured_scores.json"))
+        rows = [row for net in args.nets for row in compare_scores(net, Path(args.root), args.data_root)]
+        Path(args.out).with_name("structured_scores.json").write_text(json.dumps(rows, indent=2) + "\n")
         return
     runs = ["vi", *[run for run in args.runs if run != "vi"]]
     jobs = [(net, run) for net in args.nets for run in runs]
