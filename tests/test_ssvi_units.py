@@ -10,7 +10,8 @@ from torch import nn
 
 import pyro_sparse as ps
 from pyro_sparse.guides.meanfield import CompactSite
-from pyro_sparse.infer.compact import compact_network, dense_units
+from pyro_sparse.guides.unit_scores import unit_scores
+from pyro_sparse.infer.compact import compact_network
 from pyro_sparse.infer.elbo import negative_elbo
 from pyro_sparse.infer.svi import make_adam
 from pyro_sparse.sparse import export
@@ -155,3 +156,176 @@ def test_compact_objective_with_local_reparameterization_equals_a_hand_written_m
     assert torch.allclose(compact, dense, atol=1e-5)
     for a, b in zip(compact_grads, gradients(model, guide, dense), strict=True):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def digits_unit_model(digits, hidden=(100,), density=0.5, **kwargs):
+    model = ps.BayesianNetwork(ps.nets.mlp(64, hidden, 10), dataset_size=len(digits.train))
+    return model, ps.guides.SparseSubspace(model, density=density, structure="unit", **kwargs)
+
+
+def test_a_unit_move_keeps_the_support_size_and_carries_adam_state_with_the_weights(digits):
+    torch.manual_seed(0)
+    model, guide = digits_unit_model(digits, hidden=(32, 16))
+    assert {name: int(mask.sum()) for name, mask in guide.unit_masks().items()} == {"1": 16, "3": 8}
+    counts = guide.active_counts()
+    assert counts == {"1.weight": 16 * 64, "3.weight": 8 * 16, "5.weight": 10 * 8}
+    optimizer = make_adam([*guide.parameters(), *model.parameters()], 1e-2)
+    x, y = digits.train.tensors[0][:128], digits.train.tensors[1][:128]
+    for _ in range(5):
+        loss = negative_elbo(model, guide, x, y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    site = guide.site("3.weight")
+    before = {int(p): (float(m), float(r), float(a)) for p, m, r, a in
+              zip(site.index, site.loc.detach(), site.rho.detach(), optimizer.state[site.loc]["exp_avg"], strict=True)}
+    keep_before = {name: mask.clone() for name, mask in guide.unit_masks().items()}
+    scores = unit_scores(guide, "energy")
+
+    moved = guide.update_support(0.25, (x, y), optimizer, step=5)
+    keep = guide.unit_masks()
+    assert moved == 4 + 2 and guide.active_counts() == counts
+    for name, mask in keep.items():
+        assert int(mask.sum()) == int(keep_before[name].sum())
+        removed = keep_before[name] & ~mask
+        active = keep_before[name].nonzero().squeeze(1)
+        lowest = active[torch.topk(scores[name][active], int(removed.sum()), largest=False).indices]
+        assert set(removed.nonzero().squeeze(1).tolist()) == set(lowest.tolist())
+    for _, site_ in guide.named_sites():  # supports: the blocks of the active units, stored row-major
+        assert isinstance(site_, CompactSite) and torch.equal(site_.index, site_.index.sort().values)
+    network = compact_network(model, guide)
+    assert all(gather.view for gather in network.sites.values())
+    rows, columns = keep["3"], keep["1"]
+    assert torch.equal(site.mask, rows[:, None] & columns[None, :])
+    state = optimizer.state[site.loc]
+    new_rows, new_columns = rows & ~keep_before["3"], columns & ~keep_before["1"]
+    for slot, position in enumerate(site.index.tolist()):
+        row, column = divmod(position, 32)
+        if position in before:  # stayed active: μ, ρ and Adam's moment moved with it
+            loc, rho, exp_avg = before[position]
+            now = (float(site.loc.detach()[slot]), float(site.rho.detach()[slot]), float(state["exp_avg"][slot]))
+            assert now == (loc, rho, exp_avg)
+        else:
+            assert float(state["exp_avg"][slot]) == 0.0 and float(state["exp_avg_sq"][slot]) > 0
+            if new_columns[column]:  # outgoing weight of a new unit: 0 (the mean output does not change)
+                assert float(site.loc.detach()[slot]) == 0.0
+            else:  # incoming weight of a new unit: the network's initial weight, rescaled
+                assert new_rows[row]
+                initial = float(model.initial_value("3.weight")[row, column]) * (32 / 16) ** 0.5
+                assert float(site.loc.detach()[slot]) == pytest.approx(initial, rel=1e-5)
+    added = (rows & ~keep_before["3"]).nonzero().squeeze(1)
+    assert torch.all(model.net[3].bias[added] == 0)  # a new unit's bias starts at 0
+    loss = negative_elbo(model, guide, x, y).loss  # training goes on, on the new support
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(site.loc).all() and guide.active_counts() == counts
+
+
+def test_unit_ssvi_on_digits_is_accurate_with_a_constant_support(digits):
+    torch.manual_seed(0)
+    model, guide = digits_unit_model(digits, density=0.5, update_every=20)
+    units = {name: int(mask.sum()) for name, mask in guide.unit_masks().items()}
+    counts = guide.active_counts()
+    assert units == {"1": 50} and counts == {"1.weight": 3200, "3.weight": 500}
+
+    class Check:
+        def on_step_end(self, state):
+            assert {name: int(mask.sum()) for name, mask in state.guide.unit_masks().items()} == units
+            assert state.guide.active_counts() == counts
+
+    history = ps.fit(model, guide, digits.train, epochs=30, seed=0, callbacks=[Check()], progress=False)
+    results = ps.evaluate(model, guide, digits.test, num_samples=32)
+    assert results["accuracy"] >= 0.95, results  # measured 0.973 (seed 0)
+    assert results["sparsity"] == pytest.approx(0.5) and results["active_weights"] == 3700
+    assert [entry["step"] for entry in guide.update_log] == list(range(20, 495, 20))
+    assert sum(record["support_changes"] for record in history) == sum(e["moved"] for e in guide.update_log) > 0
+    assert guide.update_log[0]["layers"] == {"1": round(guide.drop_rate(20, 660) * 50)}
+
+
+def test_resumed_unit_run_equals_uninterrupted_run(digits, tmp_path):
+    data = digits.subsample(train=400, test=50, seed=0)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two_epochs(state):
+        if state.epoch == 2:
+            raise Crash
+
+    def run(path, resume=False, callbacks=()):
+        torch.manual_seed(1)
+        model = ps.BayesianNetwork(ps.nets.mlp(64, (32, 16), 10), dataset_size=400)
+        guide = ps.guides.SparseSubspace(model, density=0.5, update_every=3, structure="unit")
+        history = ps.fit(model, guide, data.train, epochs=4, seed=0, checkpoint=path, resume=resume,
+                         callbacks=callbacks, progress=False)
+        return model, guide, history
+
+    model_full, full, history_full = run(tmp_path / "full.pt")
+    with pytest.raises(Crash):
+        run(tmp_path / "part.pt", callbacks=[crash_after_two_epochs])
+    model_resumed, resumed, history_resumed = run(tmp_path / "part.pt", resume=True)
+    assert resumed.update_log == full.update_log and len(full.update_log) == 6
+    assert full.unit_masks().keys() == resumed.unit_masks().keys()
+    for name, mask in full.unit_masks().items():
+        assert torch.equal(mask, resumed.unit_masks()[name])
+    for (_, a), (_, b) in zip(full.named_sites(), resumed.named_sites(), strict=True):
+        assert torch.equal(a.index, b.index) and torch.equal(a.loc, b.loc) and torch.equal(a.rho, b.rho)
+    for a, b in zip(model_full.parameters(), model_resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in history_full]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in history_resumed]
+
+
+def test_step_support_in_a_pyro_svi_loop(digits):
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    model, guide = digits_unit_model(digits, hidden=(32,), density=0.5, update_every=2)
+    x, y = digits.train.tensors[0][:64], digits.train.tensors[1][:64]
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.TraceMeanField_ELBO())
+    counts = guide.active_counts()
+    for step in range(1, 9):
+        assert torch.isfinite(torch.tensor(svi.step(x, y)))
+        guide.step_support(step, 10, x, y, optimizer=svi.optim)
+    assert [entry["step"] for entry in guide.update_log] == [2, 4, 6] and guide.active_counts() == counts
+    trace = pyro.poutine.trace(guide).get_trace()  # samples are zero off the active units
+    removed = ~guide.unit_masks()["1"]
+    assert torch.all(trace.nodes["1.weight"]["value"][removed] == 0)
+    assert torch.all(trace.nodes["3.weight"]["value"][:, removed] == 0)
+
+
+def test_export_of_a_unit_guide_is_the_smaller_network(digits):
+    torch.manual_seed(0)
+    data = digits.subsample(train=300, seed=0)
+    model, guide = digits_unit_model(data, hidden=(40, 20), density=0.25)
+    ps.fit(model, guide, data.train, epochs=2, seed=0, progress=False)
+    x = digits.test.tensors[0][:64]
+    for layout in ("dense", "auto"):
+        net = export(model, guide, layout=layout)
+        shapes = [tuple(layer.weight.shape) for layer in net.modules() if isinstance(layer, nn.Linear)]
+        assert shapes == [(10, 64), (5, 10), (10, 5)]
+        with torch.no_grad():
+            assert (net(x) - model.apply(x, guide.mean_weights())).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "model_kind, kwargs, match",
+    [
+        ("network", {"structure": "foo"}, "structure must be one of weight, unit; got 'foo'"),
+        ("pyro", {"structure": "unit"}, "structure='unit' needs a ps.BayesianNetwork"),
+        ("network", {"structure": "unit", "growth": "gradient"}, "growth of structure='unit' must be 'random'"),
+        ("network", {"structure": "unit", "removal": "folded_snr"}, "removal of structure='unit' must be one of"),
+        ("network", {"structure": "unit", "layer_density": "erk"}, "layer_density of structure='unit'"),
+        ("output_only", {"structure": "unit"}, "the network has no removable units"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(model_kind, kwargs, match):
+    if model_kind == "pyro":
+        def model(x, y=None):
+            w = pyro.sample("w", pyro.distributions.Normal(0.0, 1.0).expand([3]).to_event(1))
+            return pyro.sample("obs", pyro.distributions.Normal(x @ w, 1.0).to_event(1), obs=y)
+    else:
+        net = nn.Linear(4, 3) if model_kind == "output_only" else ps.nets.mlp(4, (5,), 3)
+        model = ps.BayesianNetwork(net, dataset_size=10)
+    with pytest.raises(ValueError, match=match):
+        ps.guides.SparseSubspace(model, **kwargs)

@@ -39,6 +39,40 @@ Removal criteria (lowest removed first):
   like ``"snr"`` (it is kept for fidelity to the paper);
 - ``"random"``.
 
+Unit level (``structure="unit"``; issue 14): the support is a set of active *units* (neurons of a
+Linear layer, output channels of a convolution, channels tied by a residual addition together:
+``BayesianNetwork.unit_groups()``), k = max(1, round(density × size)) of every unit group, fixed for
+the whole run; all weights between active units are active (a layer's weight is active on the block
+of its active units' rows × the active input units' columns; the output layer's units are never in a
+group, so the output layer keeps all its rows). ``fit`` then trains the smaller *dense* network of
+the active units (``infer.compact``: the sliced network, μ and σ² of the block, the closed-form KL on
+the block only), so a step costs in proportion to the active weights; the sites store their block
+row-major (``guides.unit_support``), so μ, ρ and Adam's state are those of the smaller network. The
+support moves on the same schedule:
+
+- remove round(r_t × k) of each group's active units, those of lowest unit score (``removal``:
+  "snr" = the group SNR √(Σ μ² / Σ σ²) over the unit's incoming weights, the default score of
+  ``SNRPruned.prune(structure="unit")``; "mean_snr"; "magnitude"; "random"; ``guides.unit_scores``);
+- add as many inactive units, drawn uniformly at random (``growth="random"``, the only growth for
+  units). A removed unit has zero incoming and outgoing weights, so the gradient of every one of
+  them is exactly zero there (a saddle): a gradient criterion cannot rank inactive units without
+  first giving them weights, and the ranking it would then give depends on those arbitrary weights.
+  A new unit starts as a fresh unit of the network: its incoming weights at the network's own
+  initial weights (× √(fan-in / active fan-in), as ``rescale_init`` at the start), its outgoing
+  weights at μ = 0, so the network's mean output does not change at the move, and its bias at 0
+  (BatchNorm: γ = 1, β = 0, running mean 0, variance 1). The outgoing weights are not stuck: their
+  gradient is (the downstream error) × (the new unit's output), non-zero because the incoming
+  weights are; the incoming weights' gradient follows once the outgoing ones have moved. New weights
+  start at ρ = the mean ρ of the layer's kept weights; Adam restarts at them (``fresh_adam_start``,
+  m = 0), the kept weights keep their moments;
+- deviation from Li et al. (ICLR 2024), who select weights only: unit selection is ours, for
+  wall-clock gains (the paper counts FLOPs); removal by group SNR is the unit analogue of their
+  SNR criterion, and random growth is RigL's alternative to gradient growth (Evci et al. 2020),
+  chosen for the reason above. The random draws of the moves come from a generator seeded by the
+  guide's ``unit_seed`` buffer and the update count, so processes of a distributed run (which
+  share the guide's buffers) and a resumed run move the same units. A group written by a layer in
+  ``dense_layers`` keeps all its units.
+
 Randomness (initial support, random criteria) comes from torch's global RNG, which ``fit`` saves
 and restores, so a resumed run equals an uninterrupted one. ``update_log`` (saved in the guide's
 state dict) lists every support update.
@@ -365,7 +399,8 @@ class SparseSubspace(MeanField):
             if count == 0:
                 continue
             active, inactive = kept_indices(mask), kept_indices(~mask)
-            score = scores[name][active].cpu() if criterion is not None else torch.rand(len(active), generator=generator)
+            score = (scores[name][active].cpu() if criterion is not None
+                     else torch.rand(len(active), generator=generator))
             removed = active[torch.topk(score, count, largest=False).indices.to(active.device)]
             added = inactive[torch.randperm(len(inactive), generator=generator)[:count].to(inactive.device)]
             keep[name] = mask = mask.clone()
@@ -482,7 +517,8 @@ class SparseSubspace(MeanField):
         self.update_log = [dict(entry) for entry in state["update_log"]]
 
     def extra_repr(self) -> str:
-        return (f"structure={self.structure!r}, density={self.density:g}, update_every={self.update_every}, drop_fraction={self.drop_fraction:g}, "
+        return (f"structure={self.structure!r}, density={self.density:g}, update_every={self.update_every}, "
+                f"drop_fraction={self.drop_fraction:g}, "
                 f"stop_fraction={self.stop_fraction:g}, removal={self.removal!r}, growth={self.growth!r}, "
                 f"dense_layers={self.dense_layers}, layer_density={self.layer_density!r}")
 
