@@ -93,8 +93,9 @@ def reset_units(model: BayesianNetwork, group: UnitGroup, added: torch.Tensor, o
         values += [(norm, "weight", 1.0), (norm, "bias", 0.0), (norm, "running_mean", 0.0), (norm, "running_var", 1.0)]
     for module, attribute, value in values:
         tensor = getattr(module, attribute, None)
-        if tensor is None or f"{attribute}" in module._buffers and attribute not in ("running_mean", "running_var"):
-            continue  # absent, or a Bayesian parameter (a buffer of the network): the guide's
+        bayesian = attribute in module._buffers and not attribute.startswith("running_")  # the guide's
+        if tensor is None or bayesian:
+            continue
         tensor[added.to(tensor.device)] = value
         if isinstance(tensor, nn.Parameter):
             fresh_adam_start(optimizers(tensor), tensor, added.to(tensor.device), None)
