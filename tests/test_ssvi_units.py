@@ -11,7 +11,7 @@ from torch import nn
 import pyro_sparse as ps
 from pyro_sparse.guides.meanfield import CompactSite
 from pyro_sparse.guides.unit_scores import unit_scores
-from pyro_sparse.infer.compact import compact_network
+from pyro_sparse.infer.compact import compact_network, dense_units
 from pyro_sparse.infer.elbo import negative_elbo
 from pyro_sparse.infer.svi import make_adam
 from pyro_sparse.sparse import export
@@ -62,7 +62,7 @@ def make(net_name: str, lrt: str = "none", guide: str = "ssvi", seed: int = 0):
     return model, q, x, y
 
 
-def scattered_noise(model, guide, sizes):
+def scattered_noise(model, guide):
     """Draw, in site order, the noise the compact objective draws (shape = the active block) and put it
     at the block's positions of a zero tensor of the full weight's shape: site name -> (full shape)."""
     groups = model.unit_groups()
@@ -107,7 +107,7 @@ def test_compact_objective_equals_the_masked_dense_objective(net_name, guide_kin
         if name in running:
             buffer.copy_(running[name])
     torch.manual_seed(3)
-    noise = scattered_noise(model, guide, None)
+    noise = scattered_noise(model, guide)
     dense = reference_loss(model, guide, x, y, noise)
     dense_grads = gradients(model, guide, dense)
     assert torch.allclose(compact, dense, atol=1e-5, rtol=1e-5)
@@ -182,7 +182,12 @@ def test_a_unit_move_keeps_the_support_size_and_carries_adam_state_with_the_weig
     keep_before = {name: mask.clone() for name, mask in guide.unit_masks().items()}
     scores = unit_scores(guide, "energy")
 
+    network = compact_network(model, guide)
+    assert compact_network(model, guide) is network  # cached while the support stays
+    with dense_units():
+        assert compact_network(model, guide) is None
     moved = guide.update_support(0.25, (x, y), optimizer, step=5)
+    assert compact_network(model, guide) is not network  # rebuilt when it moves
     keep = guide.unit_masks()
     assert moved == 4 + 2 and guide.active_counts() == counts
     for name, mask in keep.items():
