@@ -16,9 +16,17 @@ by ``timing.timed``, which waits for a GPU before and after it): dense VI agains
 (first conv dense, and all sparse), for mlp 784-400-400-10 and lenet5; plus the cost of one support
 update (dense gradient + remove-and-add), amortised over ΔT = 100 steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssvi.py [--part accuracy|steps|all] [--nets lenet5 mlp]
-        [--epochs 10] [--data-root ../shared/data] [--train-limit N] [--steps 60] [--device cpu|cuda]
-        [--out benchmarks/results/ssvi.json]
+Part ``unit-steps`` (issue 14): the same side-by-side step timing on mlp 784-400-400-10 only: dense VI
+against weight-level SSVI at density 0.5 and 0.1 and unit-level SSVI (``structure="unit"``: the smaller
+dense network of the active units, ``infer.compact``) with half and a quarter of the hidden units active,
+and unit-level SSVI at 0.5 run on the masked dense network (``infer.compact.dense_units``), to show what
+the compaction itself is worth; plus each SSVI variant's support update, amortised over ΔT = 100 steps.
+Part ``unit-accuracy``: dense VI against unit-level SSVI at 0.5 on Fashion-MNIST (mlp, ``--train-limit``
+images, the test split, ``--epochs``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssvi.py [--part accuracy|steps|unit-steps|unit-accuracy|all]
+        [--nets lenet5 mlp] [--epochs 10] [--data-root ../shared/data] [--train-limit N] [--steps 60]
+        [--device cpu|cuda] [--out benchmarks/results/ssvi.json]
 
 The JSON is merged into ``--out`` (results of other nets and parts already there are kept).
 
@@ -56,6 +64,7 @@ from timing import timed
 import pyro_sparse as ps
 from pyro_sparse.evaluation import training_flops_per_example
 from pyro_sparse.guides.subspace import dense_trainable_bytes, trainable_bytes
+from pyro_sparse.infer.compact import dense_units
 from pyro_sparse.infer.elbo import negative_elbo
 from pyro_sparse.infer.svi import make_adam
 
@@ -165,9 +174,82 @@ def run_steps(net: str, steps: int, device: torch.device) -> dict[str, Any]:
     return result
 
 
+UNIT_STEP_SETUPS: dict[str, dict[str, Any] | None] = {
+    "dense VI": None,
+    "SSVI weight 0.5": {"density": 0.5},
+    "SSVI weight 0.1": {"density": 0.1},
+    "SSVI unit 0.5": {"density": 0.5, "structure": "unit"},
+    "SSVI unit 0.25": {"density": 0.25, "structure": "unit"},
+    "SSVI unit 0.5, masked dense": {"density": 0.5, "structure": "unit"},
+}
+
+
+def run_unit_steps(steps: int, device: torch.device) -> dict[str, Any]:
+    """ms per step of ``UNIT_STEP_SETUPS`` on mlp 784-400-400-10, interleaved rounds, medians."""
+    torch.manual_seed(0)
+    x = torch.randn(BATCH_SIZE, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (BATCH_SIZE,), device=device)
+    runs, guides, result = {}, {}, {}
+    for label, kwargs in UNIT_STEP_SETUPS.items():
+        model = ps.BayesianNetwork(NETS["mlp"](), dataset_size=60000).to(device)
+        guide = make_guide(model, kwargs).to(device)
+        optimizer = make_adam([*guide.parameters(), *model.parameters()], LR)
+        if label.endswith("masked dense"):
+            def step(m=model, g=guide, o=optimizer) -> None:
+                with dense_units():
+                    _step(m, g, o, x, y)
+        else:
+            def step(m=model, g=guide, o=optimizer) -> None:
+                _step(m, g, o, x, y)
+        runs[label], guides[label] = step, (guide, optimizer)
+        result[label] = {"active_weights": guide.num_active, "trainable_bytes":
+                         trainable_bytes([*guide.parameters(), *model.parameters()])}
+    for fn in runs.values():  # warm-up
+        for _ in range(5):
+            fn()
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(steps):
+        for label, fn in runs.items():
+            times[label].append(timed(fn, device))
+    dense_ms = statistics.median(times["dense VI"])
+    for label, row in result.items():
+        row["ms"] = statistics.median(times[label])
+        row["ratio"] = row["ms"] / dense_ms
+        if label != "dense VI" and not label.endswith("masked dense"):
+            guide, optimizer = guides[label]
+            update_ms = statistics.median(timed(lambda g=guide, o=optimizer: g.update_support(0.1, (x, y), o), device)
+                                          for _ in range(10))
+            row["update_ms"] = update_ms
+            row["amortised_ratio"] = (row["ms"] + update_ms / 100) / dense_ms
+    return result
+
+
+def run_unit_accuracy(ds: ps.data.Dataset, epochs: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Dense VI against unit-level SSVI at density 0.5 (mlp, the same initial network, lr 1e-3)."""
+    x_train, _ = ds.train.tensors
+    torch.manual_seed(seed)
+    initial = NETS["mlp"]()
+    results = {}
+    for label, kwargs in (("dense VI", None), ("SSVI unit 0.5", {"density": 0.5, "structure": "unit"})):
+        torch.manual_seed(seed)
+        pyro.set_rng_seed(seed)
+        model = ps.BayesianNetwork(copy.deepcopy(initial), dataset_size=len(x_train))
+        guide = make_guide(model, kwargs)
+        history = ps.fit(model, guide, ds.train, epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=seed,
+                         progress=False)
+        torch.manual_seed(seed)
+        metrics = ps.evaluate(model, guide, ds.test, num_samples=NUM_SAMPLES)
+        results[label] = {key: metrics[key] for key in ("accuracy", "nll", "ece", "mean_sample_accuracy",
+                                                          "sparsity", "active_weights")}
+        results[label]["train_seconds"] = history[-1]["seconds"]
+        print(f"  {label}: acc {100 * metrics['accuracy']:.2f} %, NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f}, "
+              f"{history[-1]['seconds']:.1f} s training", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("accuracy", "steps", "all"), default="all")
+    parser.add_argument("--part", choices=("accuracy", "steps", "unit-steps", "unit-accuracy", "all"), default="all")
     parser.add_argument("--nets", nargs="+", choices=tuple(NETS), default=list(NETS))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -216,6 +298,27 @@ def main() -> None:
             result = run_steps(net, args.steps, device)
             new.setdefault("steps", {})[net] = result
             print(f"  {net}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items() if "bytes" not in k))
+    if args.part == "unit-steps":
+        device = torch.device(args.device)
+        print(f"\nmlp 784-400-400-10: ms per training step, batch {BATCH_SIZE}, {device}, "
+              f"{torch.get_num_threads()} thread(s), median of {args.steps} interleaved rounds")
+        part_meta["unit-steps"] = {**meta, "steps": args.steps, "device": str(device)}
+        if device.type == "cuda":
+            part_meta["unit-steps"]["device_name"] = torch.cuda.get_device_name(device)
+        result = run_unit_steps(args.steps, device)
+        new.setdefault("unit-steps", {})["mlp"] = result
+        print(f"  {'':<30} {'active weights':>14} {'ms':>8} {'/ dense':>8} {'update ms':>10} {'amortised':>10}")
+        for label, row in result.items():
+            update = f"{row['update_ms']:>10.2f} {row['amortised_ratio']:>10.3f}" if "update_ms" in row else ""
+            print(f"  {label:<30} {row['active_weights']:>14} {row['ms']:>8.2f} {row['ratio']:>8.3f} {update}")
+    if args.part == "unit-accuracy":
+        root = Path(args.data_root).expanduser()
+        ds = ps.data.load("fashion-mnist", root=root if root.is_absolute() else REPO_ROOT / root)
+        if args.train_limit is not None:
+            ds = ds.subsample(train=args.train_limit, seed=args.seed)
+        part_meta["unit-accuracy"] = {**meta, "lr": LR}
+        print(f"Fashion-MNIST {len(ds.train)} / {len(ds.test)}, mlp, {args.epochs} epochs, batch {BATCH_SIZE}, lr {LR}")
+        new.setdefault("unit-accuracy", {})["mlp"] = run_unit_accuracy(ds, args.epochs, args.seed)
     saved = json.loads(out.read_text()) if out.is_file() else {}
     for part, by_net in new.items():
         saved.setdefault(part, {}).update(by_net)

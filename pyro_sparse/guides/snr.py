@@ -42,6 +42,7 @@ from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn
 from ..validation import check_fraction
 from .meanfield import MeanField
+from .unit_scores import unit_scores
 
 SCOPES = ("layer", "global")
 PRUNED = ("zero", "noise")
@@ -178,37 +179,12 @@ class SNRPruned(MeanField):
                 site.rho.masked_fill_(remove, 0.0)
         return selected
 
-    @torch.no_grad()
     def unit_scores(self, score: str = "energy") -> dict[str, torch.Tensor]:
-        """Unit group name -> the score (size,) of each unit (see ``prune``'s ``unit_score``); 0 for a
-        unit removed before. Ratios over a unit's incoming weights, so units of layers of different
-        fan-in compare on one scale."""
+        """Unit group name -> the score (size,) of each unit (see ``prune``'s ``unit_score`` and
+        ``guides.unit_scores``); 0 for a unit removed before."""
         if score not in UNIT_SCORES:
             raise ValueError(f"unit_score must be one of {UNIT_SCORES}, got {score!r}")
-        scores = {}
-        sites_of = {info.module_path: name for name, info in self.site_info.items()
-                    if getattr(info, "attribute", None) == "weight"}
-        for group_name, group in self.unit_groups().items():
-            numerator = denominator = None
-            for path in group.producers:
-                if path not in sites_of:
-                    continue  # a deterministic producer: its units are judged by the Bayesian ones
-                site = self.site(sites_of[path])
-                loc, scale, _ = site.variational()
-                loc, scale = loc.flatten(1), scale.flatten(1)
-                active = site.mask.flatten(1).to(loc.dtype)
-                if score == "energy":
-                    top, bottom = (loc * loc).sum(1), (scale * scale).sum(1)
-                else:
-                    top = (loc.abs() / torch.where(active > 0, scale, torch.ones_like(scale))).sum(1)
-                    bottom = active.sum(1)
-                numerator = top if numerator is None else numerator + top
-                denominator = bottom if denominator is None else denominator + bottom
-            if numerator is None:
-                continue
-            ratio = numerator / denominator.clamp(min=torch.finfo(numerator.dtype).tiny)
-            scores[group_name] = ratio.sqrt() if score == "energy" else ratio
-        return scores
+        return unit_scores(self, score)
 
     def _prune_units(self, threshold: float | None, sparsity: float | None, scope: str, pruned: str,
                      unit_score: str) -> dict[str, torch.Tensor]:

@@ -39,6 +39,40 @@ Removal criteria (lowest removed first):
   like ``"snr"`` (it is kept for fidelity to the paper);
 - ``"random"``.
 
+Unit level (``structure="unit"``; issue 14): the support is a set of active *units* (neurons of a
+Linear layer, output channels of a convolution, channels tied by a residual addition together:
+``BayesianNetwork.unit_groups()``), k = max(1, round(density × size)) of every unit group, fixed for
+the whole run; all weights between active units are active (a layer's weight is active on the block
+of its active units' rows × the active input units' columns; the output layer's units are never in a
+group, so the output layer keeps all its rows). ``fit`` then trains the smaller *dense* network of
+the active units (``infer.compact``: the sliced network, μ and σ² of the block, the closed-form KL on
+the block only), so a step costs in proportion to the active weights; the sites store their block
+row-major (``guides.unit_support``), so μ, ρ and Adam's state are those of the smaller network. The
+support moves on the same schedule:
+
+- remove round(r_t × k) of each group's active units, those of lowest unit score (``removal``:
+  "snr" = the group SNR √(Σ μ² / Σ σ²) over the unit's incoming weights, the default score of
+  ``SNRPruned.prune(structure="unit")``; "mean_snr"; "magnitude"; "random"; ``guides.unit_scores``);
+- add as many inactive units, drawn uniformly at random (``growth="random"``, the only growth for
+  units). A removed unit has zero incoming and outgoing weights, so the gradient of every one of
+  them is exactly zero there (a saddle): a gradient criterion cannot rank inactive units without
+  first giving them weights, and the ranking it would then give depends on those arbitrary weights.
+  A new unit starts as a fresh unit of the network: its incoming weights at the network's own
+  initial weights (× √(fan-in / active fan-in), as ``rescale_init`` at the start), its outgoing
+  weights at μ = 0, so the network's mean output does not change at the move, and its bias at 0
+  (BatchNorm: γ = 1, β = 0, running mean 0, variance 1). The outgoing weights are not stuck: their
+  gradient is (the downstream error) × (the new unit's output), non-zero because the incoming
+  weights are; the incoming weights' gradient follows once the outgoing ones have moved. New weights
+  start at ρ = the mean ρ of the layer's kept weights; Adam restarts at them (``fresh_adam_start``,
+  m = 0), the kept weights keep their moments;
+- deviation from Li et al. (ICLR 2024), who select weights only: unit selection is ours, for
+  wall-clock gains (the paper counts FLOPs); removal by group SNR is the unit analogue of their
+  SNR criterion, and random growth is RigL's alternative to gradient growth (Evci et al. 2020),
+  chosen for the reason above. The random draws of the moves come from a generator seeded by the
+  guide's ``unit_seed`` buffer and the update count, so processes of a distributed run (which
+  share the guide's buffers) and a resumed run move the same units. A group written by a layer in
+  ``dense_layers`` keeps all its units.
+
 Randomness (initial support, random criteria) comes from torch's global RNG, which ``fit`` saves
 and restores, so a resumed run equals an uninterrupted one. ``update_log`` (saved in the guide's
 state dict) lists every support update.
@@ -58,12 +92,18 @@ from torch import nn
 from ..distributed import current_world, mean_
 from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn, data_scale, log_prob_sum
+from ..units import kept_indices, reader_columns, weight_masks
 from ..validation import check_count, check_fraction
 from .meanfield import CompactSite, MeanField, check_guide_model
+from .unit_scores import unit_scores
+from .unit_support import fan_in_factor, initial_keep, move_site, reset_units
 
 REMOVAL = ("snr", "magnitude", "folded_snr", "random")
 LAYER_DENSITIES = ("uniform", "erk")
 GROWTH = ("gradient", "random")
+STRUCTURES = ("weight", "unit")
+UNIT_REMOVAL = {"snr": "energy", "mean_snr": "mean_snr", "magnitude": "magnitude", "random": None}
+"""``removal`` of ``structure="unit"`` -> the unit score of ``guides.unit_scores`` (None: random)."""
 
 
 def folded_normal_snr(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -119,8 +159,11 @@ class SparseSubspace(MeanField):
         update_every: steps between support updates (ΔT), ≥ 1.
         drop_fraction: α in [0, 1): the first update moves about α of each layer's active weights.
         stop_fraction: in (0, 1]: no updates after this fraction of the training steps.
-        removal: "snr", "magnitude", "folded_snr" or "random".
-        growth: "gradient" or "random".
+        removal: "snr", "magnitude", "folded_snr" or "random" (``structure="unit"``: "snr", the group SNR
+            √(Σ μ² / Σ σ²) over a unit's incoming weights, "mean_snr", "magnitude" (√(Σ μ²)) or "random";
+            see ``guides.unit_scores``).
+        growth: "gradient" (the default of ``structure="weight"``) or "random" (the only and default one of
+            ``structure="unit"``, see the module docstring).
         dense_layers: sites kept dense (all weights active, never updated): their names (e.g.
             "0.weight") or "first": the network's first Bayesian layer *when it is a convolution*
             (the paper keeps its first conv dense: few weights that every feature depends on). A
@@ -139,6 +182,11 @@ class SparseSubspace(MeanField):
         name: prefix in Pyro's param store (default: unique).
         init_loc_fn: for a traced Pyro model (any model but a ``BayesianNetwork``), Pyro's
             initialisation strategy of the means (see ``MeanField``).
+        structure: "weight" (default): the support is a set of weights per layer; "unit": a set of
+            active units (neurons, channels; ``BayesianNetwork.unit_groups()``) per unit group, k =
+            max(1, round(density × size)) of each, with all their weights (see the module docstring);
+            ``fit`` then trains the smaller network of the active units (``infer.compact``). A group
+            written by a layer of ``dense_layers`` keeps all its units. Needs a ``BayesianNetwork``.
     """
 
     def __init__(
@@ -149,28 +197,34 @@ class SparseSubspace(MeanField):
         drop_fraction: float = 0.3,
         stop_fraction: float = 0.75,
         removal: str = "snr",
-        growth: str = "gradient",
+        growth: str | None = None,
         dense_layers: Iterable[str] | str = ("first",),
         layer_density: str = "uniform",
         init_scale: float | None = None,
         rescale_init: bool = True,
         name: str | None = None,
         init_loc_fn: InitLocFn | None = None,
+        structure: str = "weight",
     ):
         check_guide_model(model)
         check_fraction("density", density, low_open=True, high_open=False)
         check_count("update_every", update_every)
         check_fraction("drop_fraction", drop_fraction)
         check_fraction("stop_fraction", stop_fraction, low_open=True, high_open=False)
-        if removal not in REMOVAL:
-            raise ValueError(f"removal must be one of {', '.join(REMOVAL)}; got {removal!r}")
-        if growth not in GROWTH:
-            raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
+        growth = _check_structure(model, structure, removal, growth, layer_density)
         if layer_density not in LAYER_DENSITIES:
             raise ValueError(f"layer_density must be one of {', '.join(LAYER_DENSITIES)}; got {layer_density!r}")
+        keep: dict[str, torch.Tensor] = {}
+
         def supports(sites: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-            """A random support of k = round(density × n) weights for every sparse site."""
+            """A random support of k = round(density × n) weights for every sparse site (``"unit"``: of
+            k = round(density × size) units of every unit group, and the weights of those units)."""
             dense = _dense_sites(model, dense_layers, sites)
+            if structure == "unit":
+                self.dense_layers = tuple(sorted(dense))
+                keep.update(_initial_unit_keep(model, sites, dense, density))
+                paths = {site_name: site.module_path for site_name, site in sites.items()}
+                return weight_masks(model.net, model.unit_groups(), keep, paths)
             shapes = {name: site.shape for name, site in sites.items() if name not in dense}
             densities = _erk_densities(shapes, density) if layer_density == "erk" else dict.fromkeys(shapes, density)
             chosen = {}
@@ -183,10 +237,19 @@ class SparseSubspace(MeanField):
             return chosen
 
         super().__init__(model, init_scale=init_scale, name=name, compact=supports, init_loc_fn=init_loc_fn)
+        self.structure = structure
+        for group_name, mask in keep.items():
+            self.unit_keep.set(group_name, mask)
+        # the seed of the unit moves' random draws: a buffer, so every process of a distributed run
+        # (fit broadcasts the guide's buffers) and a resumed run draw the same units
+        self.register_buffer("unit_seed", torch.randint(2**62, ()) if structure == "unit" else None)
         if rescale_init and isinstance(model, BayesianNetwork):
             with torch.no_grad():
                 for site in self.compact_sites().values():
-                    site.loc.mul_(math.sqrt(site.shape.numel() / site.num_active()))
+                    factor = fan_in_factor(site.mask) if structure == "unit" else \
+                        math.sqrt(site.shape.numel() / site.num_active())
+                    site.loc.mul_(factor)
+        self.rescale_init = bool(rescale_init)
         self.density, self.update_every = float(density), int(update_every)
         self.drop_fraction, self.stop_fraction = float(drop_fraction), float(stop_fraction)
         self.removal, self.growth = removal, growth
@@ -280,6 +343,8 @@ class SparseSubspace(MeanField):
             step: recorded in ``update_log``.
             per_example_of: the units of a traced model's growth gradient (see ``step_support``).
         """
+        if self.structure == "unit":
+            return self._update_units(fraction, optimizer, step)
         sites = self.compact_sites()
         counts = {name: min(round(fraction * site.num_active()), site.shape.numel() - site.num_active())
                   for name, site in sites.items()}
@@ -316,6 +381,72 @@ class SparseSubspace(MeanField):
             "batch_size": len(batch[0]) if use_gradient else 0,
         })
         return moved
+
+    @torch.no_grad()
+    def _update_units(self, fraction: float, optimizer: Any, step: int | None) -> int:
+        """``update_support`` of ``structure="unit"``: in every sparse unit group, remove round(fraction × k)
+        of the k active units, those of lowest score (``removal``), and add as many inactive ones drawn at
+        random; returns the number of units moved. See ``grow_values`` for how new units start."""
+        model = self._model[0]
+        groups = model.unit_groups()
+        generator = torch.Generator().manual_seed(int(self.unit_seed) + len(self.update_log))
+        criterion = UNIT_REMOVAL[self.removal]
+        scores = unit_scores(self, criterion) if criterion is not None else {}
+        keep, added_units, counts = dict(self.unit_keep.items()), {}, {}
+        for name, mask in list(keep.items()):
+            k = int(mask.sum())
+            counts[name] = count = min(round(fraction * k), mask.numel() - k)
+            if count == 0:
+                continue
+            active, inactive = kept_indices(mask), kept_indices(~mask)
+            score = (scores[name][active].cpu() if criterion is not None
+                     else torch.rand(len(active), generator=generator))
+            removed = active[torch.topk(score, count, largest=False).indices.to(active.device)]
+            added = inactive[torch.randperm(len(inactive), generator=generator)[:count].to(inactive.device)]
+            keep[name] = mask = mask.clone()
+            mask[removed], mask[added] = False, True
+            added_units[name] = added
+        def optimizers(param: torch.Tensor) -> torch.optim.Optimizer | None:
+            return None if optimizer is None else _torch_optimizer(optimizer, param)
+
+        if added_units:
+            for name in added_units:
+                self.unit_keep.set(name, keep[name])
+            paths = {name: info.module_path for name, info in self.site_info.items()}
+            for site_name, mask in weight_masks(model.net, groups, keep, paths).items():
+                site = self.site(site_name)
+                if not torch.equal(site.mask, mask):
+                    move_site(site, mask, self.grow_values(site_name, mask, added_units), optimizers)
+            for name, added in added_units.items():
+                reset_units(model, groups[name], added, optimizers)
+        moved = sum(counts.values())
+        self.update_log.append({"step": step, "fraction": fraction, "moved": moved, "layers": counts,
+                                "batch_size": 0})
+        return moved
+
+    def grow_values(self, site_name: str, mask: torch.Tensor, added: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The initial μ (the weight's shape) of site ``site_name``'s weights that the new units ``added``
+        (group name -> long unit indices) bring in: a new unit's incoming weights (its row) start at the
+        network's own initial weights, times √(fan-in / active fan-in) as at the start (``rescale_init``);
+        its outgoing weights (the next layers' columns) start at 0, so that the network's mean output
+        does not change at the move (a weight both, from a new unit to a new unit, is outgoing: 0)."""
+        model = self._model[0]
+        info = self.site_info[site_name]
+        shape = info.shape
+        rows = torch.zeros(shape[0], dtype=torch.bool, device=mask.device)
+        columns = torch.zeros(shape[1] if len(shape) > 1 else 1, dtype=torch.bool, device=mask.device)
+        for name, units in added.items():
+            group = model.unit_groups()[name]
+            if info.module_path in group.producers:
+                rows[units.to(mask.device)] = True
+            for reader in group.readers:
+                if reader.module_path == info.module_path:
+                    columns[reader_columns(reader, len(columns), group.size, units.to(mask.device))] = True
+        factor = fan_in_factor(mask) if self.rescale_init else 1.0
+        initial = model.initial_value(site_name).to(mask.device) * factor
+        view = (-1,) + (1,) * (len(shape) - 1)
+        keep_columns = (~columns).view((1, -1) + (1,) * (len(shape) - 2)) if len(shape) > 1 else True
+        return initial * rows.view(view) * keep_columns
 
     def dense_gradients(self, *model_args: Any, per_example_of: int | None = None) -> dict[str, torch.Tensor]:
         """∂L/∂μ at every coordinate of every sparse site (inactive μ = 0): site name -> (weight shape).
@@ -386,9 +517,57 @@ class SparseSubspace(MeanField):
         self.update_log = [dict(entry) for entry in state["update_log"]]
 
     def extra_repr(self) -> str:
-        return (f"density={self.density:g}, update_every={self.update_every}, drop_fraction={self.drop_fraction:g}, "
+        return (f"structure={self.structure!r}, density={self.density:g}, update_every={self.update_every}, "
+                f"drop_fraction={self.drop_fraction:g}, "
                 f"stop_fraction={self.stop_fraction:g}, removal={self.removal!r}, growth={self.growth!r}, "
                 f"dense_layers={self.dense_layers}, layer_density={self.layer_density!r}")
+
+
+def _check_structure(model: Any, structure: str, removal: str, growth: str | None, layer_density: str) -> str:
+    """Validate ``structure`` with the criteria that depend on it; returns the growth criterion (its
+    default: "gradient" for weights, "random" for units)."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}; got {structure!r}")
+    if structure == "weight":
+        if removal not in REMOVAL:
+            raise ValueError(f"removal must be one of {', '.join(REMOVAL)}; got {removal!r}")
+        growth = "gradient" if growth is None else growth
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {', '.join(GROWTH)}; got {growth!r}")
+        return growth
+    if not isinstance(model, BayesianNetwork):
+        raise ValueError("structure='unit' needs a ps.BayesianNetwork (its layers and units are known); this is a "
+                         f"Pyro model ({type(model).__name__}): wrap the network as ps.BayesianNetwork(net, "
+                         "dataset_size=N), or use structure='weight'")
+    if removal not in UNIT_REMOVAL:
+        raise ValueError(f"removal of structure='unit' must be one of {', '.join(UNIT_REMOVAL)}; got {removal!r}")
+    if growth not in (None, "random"):
+        raise ValueError(f"growth of structure='unit' must be 'random' (a removed unit has zero incoming and "
+                         f"outgoing weights, so every gradient at it is zero); got {growth!r}")
+    if layer_density != "uniform":
+        raise ValueError(f"layer_density of structure='unit' must be 'uniform'; got {layer_density!r}")
+    return "random"
+
+
+def _initial_unit_keep(model: BayesianNetwork, sites: Mapping[str, Any], dense: set[str],
+                       density: float) -> dict[str, torch.Tensor]:
+    """The initial active units of ``structure="unit"``: group name -> bool (size,) of the groups whose
+    producers are not in ``dense`` (a dense layer keeps all its units, e.g. the first convolution)."""
+    groups = model.unit_groups()
+    if not groups:
+        raise ValueError("structure='unit': the network has no removable units (every layer's output reaches the "
+                         "logits or an operation unit removal cannot follow, see pyro_sparse.units); use "
+                         "structure='weight'")
+    paths = {site.module_path for name, site in sites.items() if site.attribute != "weight"}
+    for group in groups.values():
+        touched = {*group.producers, *group.norms, *(reader.module_path for reader in group.readers)}
+        if touched & paths:
+            raise ValueError("structure='unit' needs the Bayesian parameters of the layers with units to be weights "
+                             f"only; {sorted(touched & paths)[0]} has another Bayesian parameter (use the default "
+                             "include, or structure='weight')")
+    dense_paths = {sites[name].module_path for name in dense}
+    sparse = {name: group for name, group in groups.items() if not set(group.producers) & dense_paths}
+    return initial_keep(sparse, density)
 
 
 def _erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:

@@ -19,7 +19,9 @@ Bayesian weights, estimated one of two ways (``kl``):
 In expectation this is, divided by N, Pyro's ``TraceMeanField_ELBO`` (``kl="bound"``) or
 ``Trace_ELBO`` (``kl="mc"``; both agree for a Gaussian prior), with no per-site tracing on the hot
 path. Pruned (masked) weights are out of both the guide and the model (``BayesianNetwork``), so
-they add nothing to either estimate.
+they add nothing to either estimate. When whole units are removed (``guide.unit_masks()``) the
+network of the active units runs instead of the masked one (``infer.compact``): the same objective,
+at the cost of the active weights.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from ..guides.meanfield import MeanField, SiteMoments
 from ..model import BayesianNetwork
 from ..priors import Prior
+from .compact import compact_network
 
 KL_ESTIMATORS = ("bound", "mc")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -82,7 +85,11 @@ def negative_elbo(
     kl: str = "bound",
 ) -> ElboTerms:
     """One-sample estimate of −ELBO / N on the batch x (B, ...), y (B,); ``kl``: "bound" or "mc" (module docstring)."""
-    site_moments, kl_total = guide.moments_and_kl(model.prior)
+    network = compact_network(model, guide)  # None unless units are removed
+    if network is None:
+        apply, (site_moments, kl_total) = model.apply, guide.moments_and_kl(model.prior)
+    else:
+        apply, (site_moments, kl_total) = network.apply, network.moments_and_kl(guide, model.prior)
     if kl == "mc":
         kl_total = 0.0
     moments, weights = {}, {}
@@ -94,7 +101,7 @@ def negative_elbo(
             draw = weights[name] = torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
         if kl == "mc":
             kl_total = kl_total + monte_carlo_kl(q, model.prior, draw)
-    output = model.apply(x, weights, moments)
+    output = apply(x, weights, moments)
     nll = -model.likelihood.log_prob(output, y).mean()
     loss = nll + (kl_weight / model.dataset_size) * kl_total
     return ElboTerms(loss=loss, nll=nll.detach(), kl=kl_total.detach(), output=output)
