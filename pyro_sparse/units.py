@@ -393,6 +393,24 @@ def weight_masks(net: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[
     return masks
 
 
+def parameter_masks(net: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str, torch.Tensor],
+                    sites: Mapping[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """``weight_masks`` for any parameters: ``sites`` maps a name to (module path, attribute). A
+    producer's or reader's weight is masked by rows / columns; a producer's bias and a BatchNorm's
+    parameters (any attribute of a ``norms`` module) by the keep mask along dim 0."""
+    masks = weight_masks(net, groups, keep, {name: path for name, (path, attribute) in sites.items()
+                                             if attribute == "weight"})
+    for name, (path, attribute) in sites.items():
+        for group_name, mask in keep.items():
+            group = groups[group_name]
+            if not ((path in group.producers and attribute != "weight") or path in group.norms):
+                continue
+            tensor = getattr(net.get_submodule(path), attribute)
+            shaped = mask.to(torch.bool).to(tensor.device).view((-1,) + (1,) * (tensor.dim() - 1)).expand(tensor.shape)
+            masks[name] = shaped.clone() if name not in masks else masks[name] & shaped
+    return masks
+
+
 def zeroed_parameters(net: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str, torch.Tensor],
                       skip: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Parameter path -> the parameter times the keep mask, for every bias, BatchNorm γ / β and

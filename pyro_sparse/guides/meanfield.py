@@ -44,7 +44,7 @@ from ..errors import UnitAnalysisError
 from ..model import BayesianNetwork, Site
 from ..priors import Prior
 from ..pyro_model import AUXILIARY_SUFFIX, InitLocFn, TracedSite, masked_model, trace_sites
-from ..units import UnitGroup, count_units, weight_masks
+from ..units import UnitGroup, count_units, parameter_masks
 from .fused import inverse_softplus, softplus, softplus_kl
 
 _instance_counter = itertools.count()
@@ -491,8 +491,9 @@ class MeanField(nn.Module):
         """Make ``keep`` (bool (size,), True = kept) the units of group ``name``.
 
         A removed unit takes its incoming weights (rows of its producers' weights) and the matching
-        inputs of its readers (their columns / input channels) out of q: their masks are cleared;
-        the model zeroes its bias and BatchNorm γ, β while it is removed (``BayesianNetwork.apply``).
+        inputs of its readers (their columns / input channels) out of q: their masks are cleared, as
+        are its entries of Bayesian biases and BatchNorm parameters; the model zeroes its deterministic
+        bias and BatchNorm γ, β while it is removed (``BayesianNetwork.apply``).
         A unit that comes back gets those weights back (active, with the μ and ρ they kept).
         """
         groups = self.unit_groups()
@@ -504,12 +505,11 @@ class MeanField(nn.Module):
         if not bool(keep.any()):
             raise ValueError(f"keep at least one unit of {name!r}: a layer without units cuts the network")
         model = self._network_model[0]
-        paths = {site: info.module_path for site, info in self.site_info.items()
-                 if getattr(info, "attribute", None) == "weight"}
+        paths = {site: (info.module_path, info.attribute) for site, info in self.site_info.items()}
         before = dict(self.unit_keep.items())
-        old_area = weight_masks(model.net, groups, before, paths)
+        old_area = parameter_masks(model.net, groups, before, paths)
         self.unit_keep.set(name, keep.to(self.unit_keep_device()))
-        new_area = weight_masks(model.net, groups, dict(self.unit_keep.items()), paths)
+        new_area = parameter_masks(model.net, groups, dict(self.unit_keep.items()), paths)
         for site in set(old_area) | set(new_area):
             mask = self.site(site).mask
             old = old_area.get(site, torch.ones_like(mask))

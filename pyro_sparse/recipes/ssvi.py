@@ -1,6 +1,8 @@
 """``--method ssvi``: sparse-subspace VI (``guides.SparseSubspace``), sparse for the whole of training.
 
-Options: ``--density`` (default 0.1) and ``--update-every`` (default 100 steps). Besides the common
+Options: ``--density`` (default 0.1) and ``--update-every`` (default 100 steps); ``--structure unit`` keeps
+that fraction of the units (neurons, channels) of every removable layer active instead of weights, and trains
+the smaller network of the active units (``infer.compact``). Besides the common
 metrics, metrics.json gets ``density``, ``train_flops_dense_vi`` (the same run with every weight
 active), ``support_updates`` (how many times the support moved), ``support_changes`` (weights moved
 in all), ``trainable_bytes`` (parameters + Adam state) and ``trainable_bytes_dense`` (the same for
@@ -28,7 +30,8 @@ from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
 DEFAULT_LR = 5e-3  # Adam's learning rate
-OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs", "precision"})
+OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs", "precision",
+                                     "structure"})
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
 DEFAULT_DENSITY = 0.1
 DEFAULT_UPDATE_EVERY = 100
@@ -41,6 +44,7 @@ def make_guide(config: dict[str, Any], model: BayesianNetwork) -> SparseSubspace
         model,
         density=DEFAULT_DENSITY if density is None else density,
         update_every=DEFAULT_UPDATE_EVERY if update_every is None else update_every,
+        structure=config.get("structure") or "weight",
     )
 
 
@@ -60,6 +64,7 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     _write_update_log(guide, out / "support_updates.csv")
     metrics = {
         "density": guide.density,
+        "structure": guide.structure,
         "update_every": guide.update_every,
         "train_flops_dense_vi": dense_flops,
         "train_flops_ratio": train_flops / dense_flops,
