@@ -347,14 +347,17 @@ def dense_network(model: BayesianNetwork, posterior: MeanField | Posterior) -> n
 
 
 def speedups(model: BayesianNetwork, posterior: MeanField | Posterior, example: torch.Tensor,
-             batch_sizes: tuple[int, ...] = (1, 1024), rounds: int = 15, exported: nn.Module | None = None
-             ) -> dict[int, float]:
+             batch_sizes: tuple[int, ...] = (1, 1024), rounds: int = 15, exported: nn.Module | None = None,
+             seconds: float = 0.3) -> dict[int, float]:
     """How many times faster ``export(model, posterior)`` runs than the dense network, per batch size.
 
-    Timed side by side on this machine: ``rounds`` interleaved rounds, each one forward pass (no grad)
-    of each network on the same batch, the ratio of the median times. Args: ``example`` (N, ...) inputs,
-    repeated to fill a batch; ``exported``: the exported network (default ``export(model, posterior,
-    batch_size=max(batch_sizes))``). Returns batch size -> dense time / exported time.
+    Timed side by side on this machine: interleaved rounds, each one forward pass (no grad) of each
+    network on the same batch, the ratio of the median times; at least ``rounds`` rounds, more for
+    fast passes (until each network has run about ``seconds``, at most 1,000 rounds), so that the
+    median of a microsecond-scale pass at batch 1 is not one scheduler hiccup. Args: ``example``
+    (N, ...) inputs, repeated to fill a batch; ``exported``: the exported network (default
+    ``export(model, posterior, batch_size=max(batch_sizes))``). Returns batch size -> dense time /
+    exported time.
     """
     rounds = check_count("rounds", rounds)
     dense = dense_network(model, posterior)
@@ -364,10 +367,13 @@ def speedups(model: BayesianNetwork, posterior: MeanField | Posterior, example: 
         for size in batch_sizes:
             repeats = -(-size // len(example))
             batch = example.repeat(repeats, *([1] * (example.dim() - 1)))[:size].contiguous()
-            times: dict[str, list[float]] = {"dense": [], "exported": []}
-            for net in (dense, small):  # warm up (caches, allocator)
+            started = time.perf_counter()
+            for net in (dense, small):  # warm up (caches, allocator) and size the number of rounds
                 net(batch)
-            for _ in range(rounds):
+            once = (time.perf_counter() - started) / 2
+            count = max(rounds, min(1000, int(seconds / max(once, 1e-6))))
+            times: dict[str, list[float]] = {"dense": [], "exported": []}
+            for _ in range(count):
                 for label, net in (("dense", dense), ("exported", small)):
                     started = time.perf_counter()
                     net(batch)
