@@ -19,8 +19,9 @@ to retrain); the table goes to stdout and ``benchmarks/results/structured.json``
 
 ``--part scores`` compares the two unit scores of ``SNRPruned.prune(structure="unit")`` on the dense-VI
 run's posterior (run the main part first): "energy" √(Σμ²/Σσ²) and "mean_snr" (mean |μ|/σ) over each
-unit's incoming weights, pruning 50, 75 and 90 % of the hidden units, accuracy before and after one
-epoch of fine-tuning (``benchmarks/results/structured_scores.json``).
+unit's incoming weights, with one threshold for all layers, and "energy" with the same fraction per layer,
+pruning 50, 75 and 90 % of the hidden units: accuracy before and after one epoch of fine-tuning and the
+export's speed-ups (``benchmarks/results/structured_scores.json``).
 """
 
 from __future__ import annotations
@@ -112,23 +113,26 @@ def compare_scores(net: str, root: Path, data_root: str) -> list[dict]:
     dense = ps.guides.SNRPruned(model)
     dense.load_state_dict(saved["guide"])
     rows = []
+    x = dataset.test.tensors[0][:256]
+    settings = [(score, "global") for score in ps.guides.snr.UNIT_SCORES] + [("energy", "layer")]
     for sparsity in (0.5, 0.75, 0.9):
-        for score in ps.guides.snr.UNIT_SCORES:
+        for score, scope in settings:
             pruned_model = copy.deepcopy(model)
             guide = ps.guides.SNRPruned(pruned_model)
             guide.load_state_dict(dense.state_dict())
-            guide.prune(sparsity=sparsity, structure="unit", unit_score=score)
+            guide.prune(sparsity=sparsity, structure="unit", unit_score=score, scope=scope)
             torch.manual_seed(0)
             before = ps.evaluate(pruned_model, guide, dataset.test, num_samples=16)
             ps.fit(pruned_model, guide, dataset.train, epochs=1, batch_size=128, seed=0, progress=False)
             torch.manual_seed(0)
             after = ps.evaluate(pruned_model, guide, dataset.test, num_samples=16)
             kept = {name: int(mask.sum()) for name, mask in guide.unit_masks().items()}
-            rows.append({"net": net, "unit_sparsity": sparsity, "score": score, "units_kept": kept,
+            speed = ps.sparse.speedups(pruned_model, guide, x)
+            rows.append({"net": net, "unit_sparsity": sparsity, "score": score, "scope": scope, "units_kept": kept,
                          "accuracy_pruned": before["accuracy"], "accuracy_finetuned": after["accuracy"],
-                         "ece_finetuned": after["ece"]})
-            print(f"| {net} | {sparsity:.0%} | {score} | {kept} | {before['accuracy']:.4f} | "
-                  f"{after['accuracy']:.4f} | {after['ece']:.4f} |", flush=True)
+                         "ece_finetuned": after["ece"], "speedup_batch_1": speed[1], "speedup_batch_1024": speed[1024]})
+            print(f"| {net} | {sparsity:.0%} | {score} | {scope} | {kept} | {before['accuracy']:.4f} | "
+                  f"{after['accuracy']:.4f} | {after['ece']:.4f} | {speed[1]:.2f} | {speed[1024]:.2f} |", flush=True)
     return rows
 
 
@@ -144,8 +148,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "structured.json"))
     args = parser.parse_args()
     if args.part == "scores":
-        print("| net | units removed | score | units kept | accuracy pruned | after 1 epoch fine-tuning | ECE |")
-        print("|---|---|---|---|---|---|---|")
+        print("| net | units removed | score | scope | units kept | accuracy pruned | after 1 epoch fine-tuning | "
+              "ECE | speed-up batch 1 | speed-up batch 1024 |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         rows = [row for net in args.nets for row in compare_scores(net, Path(args.root), args.data_root)]
         Path(args.out).with_name("structured_scores.json").write_text(json.dumps(rows, indent=2) + "\n")
         return
