@@ -37,6 +37,7 @@ from .layers import (
 )
 from .likelihoods import Categorical, Likelihood
 from .priors import Gaussian, Prior
+from .pyro_model import TracedSite
 from .units import UnitGroup, unit_groups, zeroed_parameters
 
 ParamFilter = Iterable[str] | Callable[[str, nn.Module, nn.Parameter], bool]
@@ -265,6 +266,13 @@ class BayesianNetwork(nn.Module):
         """The network's own initial value of Bayesian parameter ``name``."""
         return self.net.get_buffer(name)
 
+    def latent_sites(self) -> tuple[dict[str, Site | TracedSite], dict[str, torch.Tensor]]:
+        """Every latent site of the Pyro model and a starting value for a guide (unconstrained space): the
+        Bayesian parameters (``sites``) and the prior's own sites (a ``NodeHorseshoe``'s scales,
+        ``Prior.latent_sites``)."""
+        scale_sites, initial = self.prior.latent_sites({name: self.initial_value(name) for name in self.sites})
+        return {**self.sites, **scale_sites}, initial
+
     def apply(
         self,
         x: torch.Tensor,
@@ -354,14 +362,16 @@ class BayesianNetwork(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Pyro model: samples every Bayesian parameter, then observes y (B,) given x (B, ...).
 
-        Pruned weights (``site_masks``) are exactly zero and out of the log density."""
+        Pruned weights (``site_masks``) are exactly zero and out of the log density. Under a
+        ``NodeHorseshoe`` prior a site holds the standardized weight β and the network computes with
+        τ̃ β, τ̃ drawn at the site's scale sites (``Prior.scale_weight``)."""
         pyro.module(self.pyro_name, self)
         masks = self.site_masks()
         weights = {}
         for name in self.sites:
             mask = masks.get(name)
             weight = pyro.sample(name, self.site_prior(name, mask))
-            weights[name] = weight if mask is None else weight * mask
+            weights[name] = self.prior.scale_weight(name, weight if mask is None else weight * mask)
         output = self.apply(x, weights)
         batch = torch.arange(x.shape[0], device=x.device)
         with pyro.plate("data", self.dataset_size, subsample=batch):

@@ -46,6 +46,7 @@ from ..priors import Prior
 from ..pyro_model import AUXILIARY_SUFFIX, InitLocFn, TracedSite, masked_model, trace_sites
 from ..units import UnitGroup, count_units, parameter_masks
 from .fused import inverse_softplus, softplus, softplus_kl
+from .horseshoe import init_to_hint, network_weights
 
 _instance_counter = itertools.count()
 
@@ -335,7 +336,7 @@ class MeanField(nn.Module):
         self.unit_keep = UnitKeepMasks()
         self._built = False
         if isinstance(model, BayesianNetwork):
-            self._build(dict(model.sites), {site: model.initial_value(site) for site in model.sites})
+            self._build(*model.latent_sites())
             self._network_model.append(model)
             model.use_masks(self)
         else:
@@ -359,7 +360,7 @@ class MeanField(nn.Module):
         parameters; the first call of the guide does it. Nothing happens when already set up."""
         if self.is_set_up or not self._traced_model:
             return
-        sites, initial = trace_sites(self._traced_model[0], args, kwargs, self._init_loc_fn)
+        sites, initial = trace_sites(self._traced_model[0], args, kwargs, init_to_hint(self._init_loc_fn))
         self._build(sites, initial)
 
     def _build(self, site_info: Mapping[str, Site | TracedSite], initial: Mapping[str, torch.Tensor]) -> None:
@@ -441,6 +442,14 @@ class MeanField(nn.Module):
             return self.sites[_key(name)]
         except KeyError:
             raise KeyError(f"no Bayesian site {name!r}; sites are {list(self.site_info)}") from None
+
+    def constrained_site(self, name: str) -> MeanFieldSite:
+        """μ, ρ (in the unconstrained space) of the constrained latent site ``name`` (e.g. a scale)."""
+        self._require_setup()
+        try:
+            return self.constrained_sites[_key(name)]
+        except KeyError:
+            raise KeyError(f"no constrained site {name!r}; they are {list(self.constrained_info)}") from None
 
     def named_sites(self) -> Iterator[tuple[str, GuideSite]]:
         """(name, storage) of every weight site, in the model's order."""
@@ -566,15 +575,18 @@ class MeanField(nn.Module):
         return {name: site.variational()[:2] for name, site in self.named_sites()}
 
     def sample_weights(self) -> dict[str, torch.Tensor]:
-        """One draw w ~ q for every site (differentiable; exactly zero where masked)."""
+        """One draw w ~ q for every site (differentiable; exactly zero where masked). A ``BayesianNetwork``'s
+        weights under a ``NodeHorseshoe``: τ̃ β at one joint draw of β and the scales (``guides.horseshoe``)."""
         draws = {}
         for name, (loc, scale) in self.moments().items():
             draws[name] = torch.addcmul(loc, scale, torch.randn_like(loc))
-        return draws
+        return draws if self._traced_model else network_weights(self, draws, sample=True)
 
     def mean_weights(self) -> dict[str, torch.Tensor]:
-        """The posterior mean μ of every site (zero where masked)."""
-        return {name: loc for name, (loc, _) in self.moments().items()}
+        """The posterior mean μ of every site (zero where masked). A ``BayesianNetwork``'s weights under a
+        ``NodeHorseshoe``: μ_β τ̃, τ̃ at q's median of the scales (``guides.horseshoe``)."""
+        means = {name: loc for name, (loc, _) in self.moments().items()}
+        return means if self._traced_model else network_weights(self, means, sample=False)
 
     def moments_and_kl(self, prior: Prior) -> tuple[dict[str, SiteMoments], torch.Tensor]:
         """Every site's moments and the total KL(q ‖ p) (nats), computed together (the hot path)."""
@@ -601,8 +613,9 @@ class MeanField(nn.Module):
         ignores the arguments; a traced model's guide sets itself up on them the first time)."""
         self.setup(*args, **kwargs)
         pyro.module(self.pyro_name, self)
-        if not self._traced_model:
-            return {name: pyro.sample(name, self.distribution(name)) for name in self.site_info}
+        if not self._traced_model:  # a BayesianNetwork: its weights, then its prior's scale sites (if any)
+            values = {name: pyro.sample(name, self.distribution(name)) for name in self.site_info}
+            return values | {name: self._sample_constrained(name, info) for name, info in self.constrained_info.items()}
         values = {}
         for name, info in {**self.site_info, **self.constrained_info}.items():
             with contextlib.ExitStack() as plates:
@@ -632,7 +645,8 @@ class MeanField(nn.Module):
 
     @torch.no_grad()
     def median(self) -> dict[str, torch.Tensor]:
-        """Every latent site at q's median: μ for weights (zero where pruned), T(μ) for constrained sites."""
+        """Every latent site at q's median: μ for weights (zero where pruned; a ``BayesianNetwork``'s weights
+        under a ``NodeHorseshoe``: ``mean_weights``), T(μ) for constrained sites."""
         values = dict(self.mean_weights())
         for name, info in self.constrained_info.items():
             values[name] = info.transform()(self.constrained_sites[_key(name)].loc)

@@ -22,6 +22,14 @@ path. Pruned (masked) weights are out of both the guide and the model (``Bayesia
 they add nothing to either estimate. When whole units are removed (``guide.unit_masks()``) the
 network of the active units runs instead of the masked one (``infer.compact``): the same objective,
 at the cost of the active weights.
+
+Under the node-wise horseshoe (``priors.NodeHorseshoe``) the sites hold β ~ N(0, 1) and the network
+computes with w = τ̃ β: the unit scales τ̃ are drawn once per batch from q (``guides.horseshoe``),
+Linear layers sample pre-activations N(x·(μ_β τ̃), x²·(σ_β² τ̃²)), the KL of β is the closed form
+against N(0, 1) (or, with ``kl="mc"``, Monte Carlo), and the KL of the scale sites is always Monte
+Carlo at the draw (log q − log |∂ exp/∂u| − log p), as in Pyro's ``Trace_ELBO``. (In the network of
+the active units, τ̃ is gathered to its rows; the removed units' scale sites stay in the KL, as they
+stay in the model.)
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..guides.horseshoe import draw_unit_scales
 from ..guides.meanfield import MeanField, SiteMoments
 from ..model import BayesianNetwork
-from ..priors import Prior
-from .compact import compact_network
+from ..priors import NodeHorseshoe, Prior
+from .compact import CompactNetwork, compact_network
 
 KL_ESTIMATORS = ("bound", "mc")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -76,6 +85,16 @@ def monte_carlo_kl(q: SiteMoments, prior: Prior, draw: torch.Tensor | None = Non
     return torch.where(active, log_q - prior.log_prob(weight), torch.zeros_like(log_q)).sum()
 
 
+def _kept_rows(tau: torch.Tensor, network: CompactNetwork, name: str, full_shape: torch.Size) -> torch.Tensor:
+    """τ̃ (out, 1, ...) of site ``name`` gathered to the rows (kept units) of its weight in the network of
+    the active units: the full-weight row of the first coordinate of each gathered row."""
+    gather = network.sites[name]
+    if gather.flat is None:
+        return tau
+    rows = gather.flat.view(gather.shape[0], -1)[:, 0] // full_shape[1:].numel()
+    return tau.index_select(0, rows)
+
+
 def negative_elbo(
     model: BayesianNetwork,
     guide: MeanField,
@@ -92,15 +111,22 @@ def negative_elbo(
         apply, (site_moments, kl_total) = network.apply, network.moments_and_kl(guide, model.prior)
     if kl == "mc":
         kl_total = 0.0
+    # under the node-wise horseshoe: one draw of the unit scales τ̃ per batch, w = τ̃ β (guides.horseshoe)
+    horseshoe = isinstance(model.prior, NodeHorseshoe)
+    unit_scales, scale_kl = draw_unit_scales(guide, model.prior) if horseshoe else ({}, 0.0)
     moments, weights = {}, {}
     for name, q in site_moments.items():
-        draw = None
+        draw, tau = None, unit_scales.get(name)
+        if tau is not None and network is not None:
+            tau = _kept_rows(tau, network, name, guide.site(name).shape)
         if model.sites[name].local_reparameterization:
-            moments[name] = (q.loc, q.var)
+            moments[name] = (q.loc, q.var) if tau is None else (q.loc * tau, q.var * (tau * tau))
         else:
-            draw = weights[name] = torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
+            draw = torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
+            weights[name] = draw if tau is None else draw * tau
         if kl == "mc":
             kl_total = kl_total + monte_carlo_kl(q, model.prior, draw)
+    kl_total = kl_total + scale_kl
     output = apply(x, weights, moments)
     nll = -model.likelihood.log_prob(output, y).mean()
     loss = nll + (kl_weight / model.dataset_size) * kl_total
