@@ -247,6 +247,8 @@ class SpikeAndSlab(Prior):
 SCALE_SITES = ("unit_scale", "layer_scale", "slab")
 """The scale sites of a weight site ``W`` under ``NodeHorseshoe``: ``W.unit_scale``, ``W.layer_scale``, ``W.slab``."""
 
+_LOG_2_OVER_PI = math.log(2 / math.pi)
+
 INIT_HINT = "pyro_sparse_init"
 """Key of a sample site's ``infer`` dict holding a starting value (constrained) for a guide of a traced model."""
 
@@ -330,6 +332,20 @@ class NodeHorseshoe(Prior):
             "layer_scale": dist.HalfCauchy(self.global_scale),
             "slab": dist.InverseGamma(half_df, half_df * self.slab_scale**2),
         }
+
+    def log_prob_scales(self, role: str, log_value: torch.Tensor) -> torch.Tensor:
+        """Σ log p(x) of the scale site ``role`` at x = exp(``log_value``) (any shape), in closed form from
+        the log (the fused objective's hot path; equal to ``scale_distributions``' log_prob):
+        log(2/π) + log b − log(b² + x²) for a half-Cauchy(b), and
+        α log β − log Γ(α) − (α + 1) log x − β / x for c² ~ InverseGamma(α, β)."""
+        if role == "slab":
+            alpha = 0.5 * self.slab_df
+            beta = alpha * self.slab_scale**2
+            per_value = alpha * beta.log() - torch.lgamma(alpha) - (alpha + 1) * log_value - beta * (-log_value).exp()
+        else:
+            log_b = (self.node_scale if role == "unit_scale" else self.global_scale).log()
+            per_value = _LOG_2_OVER_PI + log_b - torch.logaddexp(2 * log_b, 2 * log_value)
+        return per_value.sum()
 
     def initial_scales(self, shape: torch.Size, weight_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Starting values (constrained) of the scale sites of a weight of ``shape`` for a guide: λ = 1,

@@ -106,7 +106,6 @@ def draw_unit_scales(
     scales, kl = {}, 0.0
     for name, sites in horseshoe_sites(guide).items():
         logs = {}
-        priors = prior.scale_distributions(guide.site(name).shape[0]) if prior is not None else {}
         for role, site_name in zip(SCALE_SITES, (sites.unit_scale, sites.layer_scale, sites.slab), strict=True):
             q = guide.constrained_site(site_name)
             scale = q.scale()
@@ -114,7 +113,7 @@ def draw_unit_scales(
             logs[role] = torch.addcmul(q.loc, scale, noise)
             if prior is not None:
                 log_q = (-0.5 * noise * noise - scale.log() - _HALF_LOG_2PI).sum()
-                kl = kl + log_q - logs[role].sum() - priors[role].log_prob(logs[role].exp())
+                kl = kl + log_q - logs[role].sum() - prior.log_prob_scales(role, logs[role])
         tau = regularized_scale(logs["unit_scale"], logs["layer_scale"], logs["slab"])
         scales[name] = tau.reshape(_unit_shape(guide, name))
     return scales, kl
