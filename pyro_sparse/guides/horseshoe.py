@@ -147,40 +147,99 @@ def unit_scales(guide: MeanField) -> dict[str, torch.Tensor]:
     return scores
 
 
-def select_units(
-    scores: Mapping[str, torch.Tensor],
+SCOPES = ("layer", "global")
+
+
+@torch.no_grad()
+def prune_units(
+    guide: MeanField,
     threshold: float | None = None,
     sparsity: float | None = None,
+    scope: str = "layer",
 ) -> dict[str, torch.Tensor]:
-    """Which units to keep, from per-unit scores (e.g. ``unit_scales``): name -> bool (out,), True = keep.
+    """Remove the units of smallest posterior scale τ̃_k (``unit_scales``). Exactly one of ``threshold`` /
+    ``sparsity``.
 
-    Exactly one rule:
-        threshold: keep the units whose score is at least ``threshold`` × the largest score of their
-            layer (relative, since each layer has its own global scale υ), 0 < threshold ≤ 1.
-        sparsity: remove the fraction ``sparsity`` ∈ [0, 1) of each layer's units with the lowest scores
-            (rounded down; ties broken by position).
+    For a ``BayesianNetwork``'s guide the units are its removable unit groups (``units.unit_groups``: the
+    output layer's units are never among them); a group's score per unit is the largest τ̃_k of its
+    Bayesian producer layers (channels tied by a residual addition go together), and removal goes
+    through ``guide.set_unit_mask`` (incoming weights, bias, BatchNorm channel and the next layers'
+    inputs). For a traced Pyro model the units are the rows of each horseshoe weight site, and a removed
+    unit loses its incoming weights (``guide.set_mask``; the model's readers of it are not known).
 
-    At least one unit of every layer is kept.
+    Args:
+        threshold: remove every unit with τ̃_k < threshold × the largest τ̃ of its layer (group), in (0, 1]:
+            relative, since each layer has its own global scale υ.
+        sparsity: the fraction in [0, 1) of units to remove: round(sparsity · n) of each layer's n units
+            (``scope="layer"``, default) or of all units ranked together by their relative scale
+            τ̃_k / max τ̃ of their layer (``"global"``); ties by position.
+
+    Units removed before stay removed and every layer keeps its best unit. Returns name (unit group, or
+    weight site of a traced model) -> bool (units,), True = removed by this call.
     """
     if (threshold is None) == (sparsity is None):
-        raise ValueError("select_units needs exactly one of threshold (relative to the layer's largest scale) "
-                         "or sparsity (the fraction of units to remove)")
-    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
+        raise ValueError("prune_units needs exactly one of threshold= (relative to the layer's largest scale) and "
+                         "sparsity= (the fraction of units to remove)")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                  or not 0 < threshold <= 1):
         raise ValueError(f"threshold must lie in (0, 1] (relative to the layer's largest scale), got {threshold!r}")
-    if sparsity is not None and not (isinstance(sparsity, int | float) and 0 <= sparsity < 1):
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, int | float)
+                                 or not 0 <= sparsity < 1):
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
-    keep = {}
-    for name, score in scores.items():
-        score = score.detach().reshape(-1)
-        if threshold is not None:
-            chosen = score >= threshold * score.max()
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    scales = unit_scales(guide)
+    if not scales:
+        raise ValueError("prune_units needs a model under the node-wise horseshoe (ps.priors.NodeHorseshoe, or "
+                         "ps.priors.node_horseshoe_weight in a Pyro model): this guide has no unit scale sites")
+    network = guide.traced_model is None
+    scores, kept = _unit_scores(guide, scales) if network else (scales, {n: s > 0 for n, s in scales.items()})
+    relative = {name: torch.where(kept[name], score / score.max().clamp(min=torch.finfo(score.dtype).tiny), -1.0)
+                for name, score in scores.items()}  # units removed before rank first and stay removed
+    if threshold is not None:
+        remove = {name: score < threshold for name, score in relative.items()}
+    elif scope == "layer":
+        remove = {name: _lowest(score, round(sparsity * score.numel())) for name, score in relative.items()}
+    else:
+        flat = torch.cat(list(relative.values()))
+        parts = _lowest(flat, round(sparsity * flat.numel())).split([s.numel() for s in relative.values()])
+        remove = dict(zip(relative, parts, strict=True))
+    selected = {}
+    for name, removed in remove.items():
+        removed = removed | ~kept[name]
+        if bool(removed.all()):
+            removed[int(relative[name].argmax())] = False
+        selected[name] = removed & kept[name]
+        if not bool(selected[name].any()):
+            continue
+        if network:
+            guide.set_unit_mask(name, ~removed)
         else:
-            removed = int(sparsity * score.numel())
-            chosen = torch.ones_like(score, dtype=torch.bool)
-            chosen[torch.argsort(score, stable=True)[:removed]] = False
-        chosen[score.argmax()] = True
-        keep[name] = chosen
-    return keep
+            mask = guide.site(name).mask
+            guide.set_mask(name, mask & ~removed.reshape(-1, *([1] * (mask.dim() - 1))))
+    return selected
+
+
+def _unit_scores(guide: MeanField, scales: Mapping[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unit group -> the largest τ̃_k over its horseshoe producer layers (size,), and -> its keep mask."""
+    sites_of = {info.module_path: name for name, info in guide.site_info.items()
+                if getattr(info, "attribute", None) == "weight"}
+    scores = {}
+    for group_name, group in guide.unit_groups().items():
+        parts = [scales[sites_of[path]] for path in group.producers if sites_of.get(path) in scales]
+        if parts:
+            scores[group_name] = torch.stack(parts).amax(0)
+    if not scores:
+        raise ValueError("no unit group has a horseshoe producer layer: nothing to prune by scale")
+    return scores, {name: guide.unit_keep_mask(name) for name in scores}
+
+
+def _lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` lowest entries of ``score`` (ties by position)."""
+    chosen = torch.zeros_like(score, dtype=torch.bool)
+    chosen[torch.argsort(score, stable=True)[:count]] = True
+    return chosen
 
 
 def init_to_hint(fallback: Callable[[dict[str, Any]], torch.Tensor] | None = None
@@ -196,5 +255,5 @@ def init_to_hint(fallback: Callable[[dict[str, Any]], torch.Tensor] | None = Non
     return init
 
 
-__all__ = ["ScaleSites", "draw_unit_scales", "horseshoe_sites", "init_to_hint", "network_weights", "select_units",
+__all__ = ["ScaleSites", "draw_unit_scales", "horseshoe_sites", "init_to_hint", "network_weights", "prune_units",
            "unit_scales"]
