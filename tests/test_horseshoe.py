@@ -165,9 +165,9 @@ def test_posterior_scales_separate_the_units_the_network_uses_from_the_others():
     model = ps.BayesianNetwork(ps.nets.mlp(5, (20,), 1), prior=NodeHorseshoe(),
                                likelihood=ps.likelihoods.Gaussian(0.05), dataset_size=len(x))
     guide = ps.MeanField(model, init_scale=0.5)
-    ps.fit(model, guide, (x, y), epochs=600, batch_size=len(x), lr=0.1, scale_lr=0.3, progress=False, seed=0)
+    ps.fit(model, guide, (x, y), epochs=400, batch_size=len(x), lr=0.1, scale_lr=0.3, progress=False, seed=0)
     weights = {name: w.detach() for name, w in guide.mean_weights().items()}
-    assert (model.apply(x, weights).squeeze(-1) - y).pow(2).mean().sqrt() < 0.15
+    assert (model.apply(x, weights).squeeze(-1) - y).pow(2).mean().sqrt() < 0.2  # y has standard deviation ~1
     # how much unit k contributes to the output: |outgoing weight| × ‖incoming weights‖
     use = weights["3.weight"][0].abs() * weights["1.weight"].norm(dim=1)
     scale = hs.unit_scales(guide)["1.weight"]
@@ -277,8 +277,9 @@ def test_a_hand_written_pyro_model_trains_with_fit_and_svi_and_prunes_units():
     with torch.no_grad():
         mean = predictive(x)["obs"].mean(0)
     assert (mean - y).pow(2).mean().sqrt() < 0.3
-    removed = hs.prune_units(guide, sparsity=0.5)
-    assert set(removed) == {"fc1.weight", "fc2.weight"} and int(removed["fc1.weight"].sum()) == 5
+    assert ps.evaluate(model, guide, (x, y), num_samples=16)["rmse"] < 0.3
+    removed = hs.prune_units(guide, sparsity=0.5)  # the output layer, sampled last, is left alone
+    assert list(removed) == ["fc1.weight"] and int(removed["fc1.weight"].sum()) == 5
     assert guide.site("fc1.weight").mask.any(1).sum() == 5  # the removed units' incoming weights went
     svi = SVI(guide.masked_model(), guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     assert math.isfinite(svi.step(x, y))

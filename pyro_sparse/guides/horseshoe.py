@@ -49,7 +49,7 @@ Deviations from Ghosh, Yao & Doshi-Velez (JMLR 2019), and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,7 @@ def prune_units(
     threshold: float | None = None,
     sparsity: float | None = None,
     scope: str = "layer",
+    sites: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Remove the units of smallest posterior scale τ̃_k (``unit_scales``). Exactly one of ``threshold`` /
     ``sparsity``.
@@ -164,8 +165,9 @@ def prune_units(
     output layer's units are never among them); a group's score per unit is the largest τ̃_k of its
     Bayesian producer layers (channels tied by a residual addition go together), and removal goes
     through ``guide.set_unit_mask`` (incoming weights, bias, BatchNorm channel and the next layers'
-    inputs). For a traced Pyro model the units are the rows of each horseshoe weight site, and a removed
-    unit loses its incoming weights (``guide.set_mask``; the model's readers of it are not known).
+    inputs). For a traced Pyro model the units are the rows of its horseshoe weight sites (``sites``;
+    default all but the last the model samples, the output layer of a feed-forward model), and a
+    removed unit loses its incoming weights (``guide.set_mask``; the model's readers of it are not known).
 
     Args:
         threshold: remove every unit with τ̃_k < threshold × the largest τ̃ of its layer (group), in (0, 1]:
@@ -173,6 +175,8 @@ def prune_units(
         sparsity: the fraction in [0, 1) of units to remove: round(sparsity · n) of each layer's n units
             (``scope="layer"``, default) or of all units ranked together by their relative scale
             τ̃_k / max τ̃ of their layer (``"global"``); ties by position.
+        sites: a traced model's weight sites whose units may go (a ``BayesianNetwork`` prunes its
+            removable unit groups and takes no ``sites``).
 
     Units removed before stay removed and every layer keeps its best unit. Returns name (unit group, or
     weight site of a traced model) -> bool (units,), True = removed by this call.
@@ -193,7 +197,18 @@ def prune_units(
         raise ValueError("prune_units needs a model under the node-wise horseshoe (ps.priors.NodeHorseshoe, or "
                          "ps.priors.node_horseshoe_weight in a Pyro model): this guide has no unit scale sites")
     network = guide.traced_model is None
-    scores, kept = _unit_scores(guide, scales) if network else (scales, {n: s > 0 for n, s in scales.items()})
+    if network and sites is not None:
+        raise ValueError("sites= is for a traced Pyro model; a BayesianNetwork's guide prunes its unit groups")
+    if network:
+        scores, kept = _unit_scores(guide, scales)
+    else:
+        chosen = list(scales)[:-1] if sites is None else list(sites)
+        unknown = sorted(set(chosen) - set(scales))
+        if unknown or not chosen:
+            raise ValueError(f"sites must name some of the horseshoe weight sites {list(scales)}, got "
+                             f"{unknown or chosen}")
+        scores = {name: scales[name] for name in chosen}
+        kept = {name: score > 0 for name, score in scores.items()}
     relative = {name: torch.where(kept[name], score / score.max().clamp(min=torch.finfo(score.dtype).tiny), -1.0)
                 for name, score in scores.items()}  # units removed before rank first and stay removed
     if threshold is not None:
