@@ -132,7 +132,7 @@ def test_hyperparameters_are_buffers_updated_in_place():
         (lambda: ps.priors.SpikeAndSlab(inclusion=0.0), r"inclusion must lie in \(0, 1\)"),
         (lambda: ps.priors.SpikeAndSlab(inclusion=1.0), r"inclusion must lie in \(0, 1\)"),
         (lambda: ps.priors.SpikeAndSlab(inclusion=1.5), r"inclusion must lie in \(0, 1\)"),
-        (lambda: ps.priors.build("horseshoe"), "unknown prior 'horseshoe'"),
+        (lambda: ps.priors.build("laplace"), "unknown prior 'laplace'"),
     ],
 )
 def test_bad_prior_hyperparameters(make, match):
