@@ -267,11 +267,10 @@ class BayesianNetwork(nn.Module):
         return self.net.get_buffer(name)
 
     def latent_sites(self) -> tuple[dict[str, Site | TracedSite], dict[str, torch.Tensor]]:
-        """Every latent site of the Pyro model and a starting value for a guide (unconstrained space): the
-        Bayesian parameters (``sites``) and the prior's own sites (a ``NodeHorseshoe``'s scales,
-        ``Prior.latent_sites``)."""
-        scale_sites, initial = self.prior.latent_sites({name: self.initial_value(name) for name in self.sites})
-        return {**self.sites, **scale_sites}, initial
+        """Every latent site of the Pyro model, in the order it samples them, and a starting value for a
+        guide (unconstrained space): the Bayesian parameters (``sites``) and the prior's own sites (a
+        ``NodeHorseshoe``'s scales, ``Prior.latent_sites``)."""
+        return self.prior.latent_sites(self.sites, {name: self.initial_value(name) for name in self.sites})
 
     def apply(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -68,18 +69,20 @@ class Prior(nn.Module):
         return value
 
     def latent_sites(
-        self, initial: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, TracedSite], dict[str, torch.Tensor]]:
-        """The prior's own latent sites beside the weight sites, for a guide of a ``BayesianNetwork``.
+        self, sites: Mapping[str, Any], initial: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Every latent site of a ``BayesianNetwork`` under this prior, for its guide.
 
         Args:
+            sites: weight site name -> its ``Site``, in the order the model samples them.
             initial: weight site name -> the network's initial weight (the site's shape).
 
         Returns:
-            (scale site name -> ``TracedSite`` (none here), site name -> initial value in the
-            unconstrained space of every site: the weight sites' (the guide's μ) and the scale sites').
+            (site name -> ``Site`` or ``TracedSite``: the weight sites and the prior's own (none here), in
+            the order the model samples them; site name -> initial value in the unconstrained space:
+            the weight sites' (the guide's μ) and the prior's own sites').
         """
-        return {}, dict(initial)
+        return dict(sites), dict(initial)
 
     def total_kl(self, loc: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Σ of ``kl`` over the weights where ``mask`` is True (all if None): a scalar.
@@ -372,23 +375,25 @@ class NodeHorseshoe(Prior):
         return value * tau.reshape(-1, *([1] * (value.dim() - 1)))
 
     def latent_sites(
-        self, initial: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, TracedSite], dict[str, torch.Tensor]]:
-        """The three scale sites of every weight site, and starting values with which the network's
-        weights w = τ̃ β equal its own initialisation: λ = 1, c² = s², υ = the standard deviation of
-        the initial weight, β = w₀ / τ̃ (log values for the scale sites: their unconstrained space)."""
-        sites, values = {}, {}
+        self, sites: Mapping[str, Any], initial: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Each weight site followed by its three scale sites, and starting values with which the
+        network's weights w = τ̃ β equal its own initialisation: λ = 1, c² = s², υ = the standard
+        deviation of the initial weight, β = w₀ / τ̃ (log values for the scale sites: their
+        unconstrained space)."""
+        latent, values = {}, {}
         for name, weight in initial.items():
+            latent[name] = sites[name]
             spread = float(weight.std()) if weight.numel() > 1 else 0.0
             starts = self.initial_scales(weight.shape, spread if math.isfinite(spread) and spread > 0 else None)
             for role, value in starts.items():
                 site = f"{name}.{role}"
-                sites[site] = TracedSite(site, value.shape, value.shape, value.dim(), constraints.positive, ())
+                latent[site] = TracedSite(site, value.shape, value.shape, value.dim(), constraints.positive, ())
                 values[site] = value.to(weight).log()
             tau = regularized_scale(values[f"{name}.unit_scale"], values[f"{name}.layer_scale"],
                                     values[f"{name}.slab"])
             values[name] = weight / tau.reshape(-1, *([1] * (weight.dim() - 1)))
-        return sites, values
+        return latent, values
 
     def extra_repr(self) -> str:
         return (f"node_scale={float(self.node_scale):g}, global_scale={float(self.global_scale):g}, "

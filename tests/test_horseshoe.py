@@ -283,3 +283,15 @@ def test_a_hand_written_pyro_model_trains_with_fit_and_svi_and_prunes_units():
     assert guide.site("fc1.weight").mask.any(1).sum() == 5  # the removed units' incoming weights went
     svi = SVI(guide.masked_model(), guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     assert math.isfinite(svi.step(x, y))
+
+
+def test_pyros_svi_with_trace_mean_field_elbo_and_predictive_take_the_model_and_guide(recwarn):
+    model = tiny_model()
+    guide = ps.MeanField(model)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.TraceMeanField_ELBO())
+    assert all(math.isfinite(svi.step(x, y)) for _ in range(3))
+    assert not [w for w in recwarn if "mean field" in str(w.message)]  # the guide samples in the model's order
+    draws = pyro.infer.Predictive(model, guide=guide, num_samples=4)(x)
+    assert draws["1.weight.unit_scale"].shape == (4, 1, 6) and (draws["1.weight.unit_scale"] > 0).all()
+    assert draws["output"].shape == (4, 40, 3)

@@ -373,6 +373,7 @@ class MeanField(nn.Module):
         if unknown:
             raise ValueError(f"compact names unknown sites {sorted(unknown)}; sites are {weights}")
         self.site_info = {name: site_info[name] for name in weights}
+        self._latent_order = list(site_info)
         self.constrained_info = {name: info for name, info in site_info.items() if name not in self.site_info}
         for name in weights:
             self.sites[_key(name)] = (
@@ -613,9 +614,9 @@ class MeanField(nn.Module):
         ignores the arguments; a traced model's guide sets itself up on them the first time)."""
         self.setup(*args, **kwargs)
         pyro.module(self.pyro_name, self)
-        if not self._traced_model:  # a BayesianNetwork: its weights, then its prior's scale sites (if any)
-            values = {name: pyro.sample(name, self.distribution(name)) for name in self.site_info}
-            return values | {name: self._sample_constrained(name, info) for name, info in self.constrained_info.items()}
+        if not self._traced_model:  # a BayesianNetwork: its weights (and its prior's scale sites), in its order
+            return {name: pyro.sample(name, self.distribution(name)) if name in self.site_info
+                    else self._sample_constrained(name, self.constrained_info[name]) for name in self._latent_order}
         values = {}
         for name, info in {**self.site_info, **self.constrained_info}.items():
             with contextlib.ExitStack() as plates:
