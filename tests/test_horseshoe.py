@@ -118,19 +118,49 @@ def perturbed_guide(model, cls=ps.MeanField):
     return guide
 
 
-@pytest.mark.parametrize("kl, pruned", [("bound", False), ("mc", False), ("bound", True)])
-def test_fused_objective_is_pyros_trace_elbo_in_expectation(kl, pruned):
+def tiny_conv_model():
+    """(B, 1, 5, 5) -> Conv2d(1, 3, 3) -> ReLU -> Flatten -> Linear(27, 3): the conv samples weights, τ̃ per channel."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(27, 3))
+    return ps.BayesianNetwork(net, prior=NodeHorseshoe(), dataset_size=40)
+
+
+@pytest.mark.parametrize("kl, network", [("bound", "mlp"), ("mc", "mlp"), ("bound", "pruned conv")])
+def test_fused_objective_is_pyros_trace_elbo_in_expectation(kl, network):
     torch.manual_seed(3)
-    model = tiny_model()
+    model = tiny_model() if network == "mlp" else tiny_conv_model()
     guide = perturbed_guide(model, ps.SNRPruned)
-    if pruned:  # two of the six hidden units removed: rows of 1.weight, columns of 3.weight, their biases
-        guide.set_unit_mask("1", torch.tensor([True, False, True, True, False, True]))
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    if network == "pruned conv":  # one of three channels removed: its filter, bias and the Linear's 9 inputs from it
+        guide.set_unit_mask("0", torch.tensor([True, False, True]))
+        assert int(guide.site("3.weight").mask.sum()) == 3 * 18
+        x = torch.randn(40, 1, 5, 5)
     with torch.no_grad():
         fused = mean_and_se([negative_elbo(model, guide, x, y, kl=kl).loss.item() * 40 for _ in range(1000)])
         trace = mean_and_se([Trace_ELBO().loss(model, guide, x, y) for _ in range(200)])
     assert agree(fused, trace), (fused, trace)
     assert math.hypot(fused[1], trace[1]) < 0.8, (fused, trace)  # precise to about 3 nats of 130
+
+
+def test_the_scale_sites_kl_is_the_log_normal_kl_to_their_priors():
+    """draw_unit_scales' Monte Carlo KL against an independent one: torch's LogNormal q (its log density has the
+    Jacobian built in) and Pyro's HalfCauchy / InverseGamma priors, 20,000 draws at once."""
+    model = tiny_model()
+    guide = perturbed_guide(model)
+    prior = model.prior
+    with torch.no_grad():
+        ours = mean_and_se([float(hs.draw_unit_scales(guide, prior)[1]) for _ in range(3000)])
+        reference = 0.0
+        for name in model.sites:
+            priors = prior.scale_distributions(model.sites[name].shape[0])
+            for role in ("unit_scale", "layer_scale", "slab"):
+                q = guide.constrained_site(f"{name}.{role}")
+                log_normal = torch.distributions.LogNormal(q.loc, q.scale())
+                draws = log_normal.sample((20000,))
+                log_q = log_normal.log_prob(draws).reshape(20000, -1).sum(1)
+                reference = reference + log_q - priors[role].log_prob(draws).reshape(20000, -1).sum(1)
+        reference = mean_and_se(reference.tolist())
+    assert agree(ours, reference), (ours, reference)
+    assert math.hypot(ours[1], reference[1]) < 0.1  # a missing log-Jacobian (Σ log-scales) is ~1 nat here
 
 
 def test_fit_trains_every_scale_site():
