@@ -218,6 +218,8 @@ def test_digits_mlp_keeps_its_accuracy_and_loses_half_its_hidden_units_by_scale(
     assert int(removed.sum()) == 50 and guide.unit_counts() == (100, 50)
     assert scales[removed].max() <= scales[~removed].min()  # the 50 smallest posterior scales went
     assert ps.evaluate(model, guide, digits.test, num_samples=16)["accuracy"] >= 0.9
+    history = ps.fit(model, guide, digits.train, epochs=1, progress=False, seed=1)  # the 50 units' network
+    assert math.isfinite(history[-1]["loss"]) and guide.unit_counts() == (100, 50)
     small = ps.sparse.export(model, guide)
     x = digits.test.tensors[0][:64]
     assert small[1].out_features == 50 and small[3].in_features == 50
@@ -299,7 +301,7 @@ def test_a_hand_written_pyro_model_trains_with_fit_and_svi_and_prunes_units():
     guide.setup(x, y)  # the scales start at their hints (υ = 1/√fan_in), not at the prior's median υ = 1e-5
     assert guide.median()["fc1.weight.layer_scale"] == pytest.approx(1 / math.sqrt(3))
     assert guide.median()["fc2.weight.layer_scale"] == pytest.approx(1 / math.sqrt(10))
-    history = ps.fit(model, guide, (x, y), epochs=60, batch_size=50, lr=0.03, progress=False, seed=0)
+    history = ps.fit(model, guide, (x, y), epochs=80, batch_size=100, lr=0.03, progress=False, seed=0)
     assert history.column("objective")[-1] == "traced"
     assert set(guide.constrained_info) == {f"{site}.{role}" for site in ("fc1.weight", "fc2.weight")
                                           for role in ("unit_scale", "layer_scale", "slab")}
