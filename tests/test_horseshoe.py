@@ -327,3 +327,20 @@ def test_pyros_svi_with_trace_mean_field_elbo_and_predictive_take_the_model_and_
     draws = pyro.infer.Predictive(model, guide=guide, num_samples=4)(x)
     assert draws["1.weight.unit_scale"].shape == (4, 1, 6) and (draws["1.weight.unit_scale"] > 0).all()
     assert draws["output"].shape == (4, 40, 3)
+
+
+def test_sparse_subspace_grows_its_support_by_the_gradient_with_respect_to_the_standardized_weights():
+    model = tiny_model()
+    guide = ps.SparseSubspace(model, density=0.5)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    grads = guide.dense_gradients(x, y)
+    # independently: −mean log p(y | x, w) at w = μ_β τ̃ (τ̃ at q's median), differentiated by μ_β
+    scales = hs.unit_scales(guide)
+    means = {name: guide.moments()[name][0].detach().requires_grad_() for name in model.sites}
+    model.eval()
+    output = model.apply(x, {name: means[name] * scales[name][:, None] for name in model.sites})
+    expected = torch.autograd.grad(-model.likelihood.log_prob(output, y).mean(), list(means.values()))
+    for name, grad in zip(model.sites, expected, strict=True):
+        assert torch.allclose(grads[name], grad, atol=1e-6), name
+    history = ps.fit(model, guide, (x, y), epochs=2, batch_size=20, progress=False, seed=0)
+    assert math.isfinite(history[-1]["loss"]) and guide.sparsity == pytest.approx(0.5, abs=0.05)

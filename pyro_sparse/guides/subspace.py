@@ -94,6 +94,7 @@ from ..model import BayesianNetwork
 from ..pyro_model import InitLocFn, data_scale, log_prob_sum
 from ..units import kept_indices, reader_columns, weight_masks
 from ..validation import check_count, check_fraction
+from .horseshoe import network_weights
 from .meanfield import CompactSite, MeanField, check_guide_model
 from .unit_scores import unit_scores
 from .unit_support import fan_in_factor, initial_keep, move_site, reset_units
@@ -463,12 +464,13 @@ class SparseSubspace(MeanField):
         to the same model in an SVI loop on digits.)
         """
         sites = self.compact_sites()
-        weights = {name: value.detach() for name, value in self.median().items()}
-        for name in sites:
-            weights[name].requires_grad_(True)
+        network = self.traced_model is None  # a BayesianNetwork: its weights from μ (w = τ̃ μ under a horseshoe)
+        values = {name: loc for name, (loc, _) in self.moments().items()} if network else self.median()
+        leaves = {name: value.detach().requires_grad_(name in sites) for name, value in values.items()}
         with torch.enable_grad():
+            weights = network_weights(self, leaves, sample=False) if network else leaves
             loss = self._mean_network_loss(weights, model_args, per_example_of)
-            grads = torch.autograd.grad(loss, [weights[name] for name in sites])
+            grads = torch.autograd.grad(loss, [leaves[name] for name in sites])
         world = current_world()
         for grad in grads:  # over several processes: the gradient of all their batches, the same on each
             mean_(grad, world)
