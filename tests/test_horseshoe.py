@@ -344,3 +344,9 @@ def test_sparse_subspace_grows_its_support_by_the_gradient_with_respect_to_the_s
         assert torch.allclose(grads[name], grad, atol=1e-6), name
     history = ps.fit(model, guide, (x, y), epochs=2, batch_size=20, progress=False, seed=0)
     assert math.isfinite(history[-1]["loss"]) and guide.sparsity == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_samplers_refuse_a_bayesian_network_under_the_horseshoe_in_one_line():
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    with pytest.raises(ValueError, match="has latent scale sites of its own: train it by VI"):
+        ps.sample_sghmc(tiny_model(), (x, y), samples=2)

@@ -43,6 +43,12 @@ class NetworkTarget:
                 f"em_sghmc needs a SpikeAndSlab prior, got {type(model.prior).__name__}: build the model with "
                 f"prior=ps.priors.SpikeAndSlab(...) (or use sample_sghmc for dense SGHMC)"
             )
+        if type(model.prior).latent_sites is not Prior.latent_sites:
+            raise ValueError(
+                f"the samplers draw a BayesianNetwork's weights only, and the {type(model.prior).__name__} prior has "
+                f"latent scale sites of its own: train it by VI (ps.fit with ps.MeanField / ps.SNRPruned), or write "
+                f"the model as a Pyro model (ps.priors.node_horseshoe_weight), whose every site sample_sghmc samples"
+            )
         model.check_batch(x, y)
         self.model = model
         self.prior: Prior = model.prior
