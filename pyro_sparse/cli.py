@@ -91,6 +91,8 @@ def build_model(config: dict[str, Any], dataset: datasets.Dataset) -> BayesianNe
     net = nets.build(config["net"], dataset.input_shape, outputs, **({"hidden": hidden} if hidden else {}))
     if config["prior"] == "gaussian":
         prior = priors.Gaussian(config["prior_scale"])
+    elif config["prior"] == "horseshoe":
+        prior = priors.NodeHorseshoe(node_scale=config["prior_scale"])
     else:
         spike = config["spike_scale"] or 0.01  # None: em-sghmc sets σ₀ per layer itself
         prior = priors.SpikeAndSlab(config["prior_scale"], spike, config["inclusion"])
@@ -116,7 +118,7 @@ SPIKE_AND_SLAB_OPTIONS = ("spike_scale", "inclusion")
 
 # Defaults of options that only some methods read (None in the parser, so that the others can refuse them).
 METHOD_DEFAULTS: dict[str, Any] = {"kl_weight": 1.0, "warmup_epochs": 0, "structure": "weight"}
-PRIORS = ("gaussian", "spike-slab")  # the first is the default; a recipe's PRIORS narrows the choice
+PRIORS = ("gaussian", "spike-slab", "horseshoe")  # the first is the default; a recipe's PRIORS narrows the choice
 STRUCTURES = ("weight", "unit")  # --structure; weight is the default
 
 SEED_LIMIT = 2**32  # --seed in [0, 2^32), as numpy and scikit-learn take it
@@ -506,9 +508,11 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (vi, snr, ssvi) or SGHMC step size (em-sghmc); default: the method's DEFAULT_LR")
-    t.add_argument("--prior", choices=PRIORS, default=None, help="gaussian (default) or spike-slab (em-sghmc: "
-                   "spike-slab only, the default there)")
-    t.add_argument("--prior-scale", type=_positive_float, default=1.0, help="σ of the Gaussian / slab")
+    t.add_argument("--prior", choices=PRIORS, default=None, help="gaussian (default), spike-slab (em-sghmc: "
+                   "spike-slab only, the default there) or horseshoe (node-wise: one scale per unit, vi, snr and ssvi; "
+                   "snr --structure unit removes the units of smallest posterior scale)")
+    t.add_argument("--prior-scale", type=_positive_float, default=1.0,
+                   help="σ of the Gaussian, σ₁ of the spike-and-slab's slab, b₀ of the horseshoe's node scales")
     t.add_argument("--spike-scale", type=_positive_float, default=None,
                    help="σ₀ of the spike (default 0.01; em-sghmc: per layer, 2 %% of the layer's initial weight std)")
     t.add_argument("--inclusion", type=_fraction(True, True), default=None,

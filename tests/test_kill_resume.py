@@ -77,13 +77,16 @@ def _kill(process: subprocess.Popen) -> None:
     process.stderr.close()
 
 
+WALL_CLOCK = ("seconds", "train_seconds", "export_speedup_batch_1", "export_speedup_batch_1024")
+
+
 def _same(a, b, where: str = "") -> None:
-    """Bit-identical nested state (tensors compared with torch.equal; wall-clock seconds ignored)."""
+    """Bit-identical nested state (tensors compared with torch.equal; wall-clock measurements ignored)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
-        keys = {k for k in a if k not in ("seconds", "train_seconds")}
-        assert keys == {k for k in b if k not in ("seconds", "train_seconds")}, where
+        keys = {k for k in a if k not in WALL_CLOCK}
+        assert keys == {k for k in b if k not in WALL_CLOCK}, where
         for key in keys:
             _same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, list | tuple):

@@ -97,7 +97,7 @@ BAD_OPTIONS = [
     (["--net", "transformer"], "unknown net 'transformer'"),
     (["--data", "imagenet"], "unknown dataset 'imagenet'"),
     (["--method", "mcmc"], "method 'mcmc' is not available"),
-    (["--prior", "horseshoe"], "argument --prior: invalid choice"),
+    (["--prior", "laplace"], "argument --prior: invalid choice"),
     (["--method", "em-sghmc", "--prior", "gaussian"], "--method em-sghmc needs --prior spike-slab"),
     (["--prior-scale", "0"], "argument --prior-scale: must be a number > 0"),
     (["--prior-scale", "-2"], "argument --prior-scale: must be a number > 0"),

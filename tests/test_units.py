@@ -324,3 +324,17 @@ def test_bayesian_biases_and_batchnorm_lose_the_removed_units_too():
     assert exported[0].out_features == 6 and exported[1].num_features == 6 and exported[3].in_features == 6
     with torch.no_grad():
         assert (exported(x) - model.apply(x, guide.mean_weights())).abs().max() <= 1e-5
+
+
+def test_cli_horseshoe_prunes_units_by_posterior_scale(tmp_path, capsys):
+    import json
+
+    from pyro_sparse import cli
+
+    assert cli.main(["train", "--method", "snr", "--prior", "horseshoe", "--structure", "unit", "--epochs", "6",
+                     "--samples", "8", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["prior"] == "horseshoe" and record["scope"] == "layer" and record["units_active"] == 25
+    assert record["accuracy"] > 0.85
+    assert cli.main(["train", "--method", "em-sghmc", "--prior", "horseshoe", "--out", str(tmp_path / "em")]) == 2
+    assert "--method em-sghmc needs --prior spike-slab" in capsys.readouterr().err

@@ -5,7 +5,10 @@ Phases and files in the output folder:
 1. dense VI with ``fit``, checkpointed to ``dense.pt`` after every epoch;
 2. the dense posterior is evaluated on the test split (``accuracy_before_pruning`` ...), its SNR
    histogram drawn (``snr_histogram.png``), and it is pruned (``SNRPruned.prune``: the lowest-SNR
-   fraction of all weights, one threshold across layers);
+   fraction of all weights, one threshold across layers). With ``--structure unit`` whole units go
+   (``--sparsity``: the fraction of the removable units): by their group SNR, one threshold for all
+   layers; under ``--prior horseshoe`` by their posterior scale τ̃, the same fraction of every layer
+   (``guides.horseshoe.prune_units``).
 3. ``--finetune-epochs`` epochs of ``fit`` on the pruned guide, checkpointed to ``checkpoint.pt``
    (with 0 epochs the pruned state is written there directly); ``layer_sparsity.csv`` is written.
 
@@ -25,10 +28,12 @@ from .. import plots
 from ..data import Dataset, as_tensors
 from ..errors import TrainingDiverged
 from ..evaluation import evaluate, training_flops_per_example
+from ..guides.horseshoe import prune_units
 from ..guides.snr import SNRPruned
 from ..infer.svi import fit
 from ..model import BayesianNetwork
 from ..posterior import Posterior
+from ..priors import NodeHorseshoe
 from . import CHECKPOINT, TrainedRun, training_data
 from .vi import variational_settings
 
@@ -46,6 +51,7 @@ DEFAULT_SPARSITY = {"weight": 0.8, "unit": 0.75}
 Fashion-MNIST mlp 784-400-400-10 and lenet5 the exported network is then over 2× faster than the dense one,
 benchmarks/structured.py)."""
 SCOPE = "global"  # one SNR threshold for all layers (see SNRPruned.prune; benchmarks/snr_sweep.py)
+HORSESHOE_SCOPE = "layer"  # --prior horseshoe --structure unit: each layer loses the fraction (scales are per layer)
 
 
 def finetune_epochs(config: dict[str, Any]) -> int:
@@ -71,7 +77,10 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
 
     before = evaluate(model, guide, dataset.test, num_samples=config["samples"])
     snr = guide.snr()
-    guide.prune(sparsity=sparsity, scope=SCOPE, structure=structure)
+    if structure == "unit" and isinstance(model.prior, NodeHorseshoe):  # units go by their posterior scale
+        prune_units(guide, sparsity=sparsity, scope=HORSESHOE_SCOPE)
+    else:
+        guide.prune(sparsity=sparsity, scope=SCOPE, structure=structure)
     what = "the weights" if structure == "weight" else "the units"
     plots.snr_histogram(snr, out / "snr_histogram.png",
                         thresholds=guide.pruned_threshold if structure == "weight" else None,
@@ -96,7 +105,8 @@ def train(config: dict[str, Any], model: BayesianNetwork, dataset: Dataset, out:
     history = [{**row, "phase": "dense"} for row in dense_history]
     history += [{**row, "epoch": len(dense_history) + row["epoch"], "seconds": dense_seconds + row["seconds"],
                  "phase": "finetune"} for row in ft_history]
-    metrics = {"target_sparsity": sparsity, "scope": SCOPE, "structure": structure, "finetune_epochs": epochs_ft,
+    scope = HORSESHOE_SCOPE if structure == "unit" and isinstance(model.prior, NodeHorseshoe) else SCOPE
+    metrics = {"target_sparsity": sparsity, "scope": scope, "structure": structure, "finetune_epochs": epochs_ft,
                "finetune_lr": config.get("finetune_lr") or config["lr"],
                "accuracy_before_pruning": before["accuracy"], "nll_before_pruning": before["nll"],
                "ece_before_pruning": before["ece"], **variational_settings(guide, dense_history)}
