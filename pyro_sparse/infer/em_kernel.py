@@ -30,8 +30,19 @@ import torch
 
 from ..distributed import SINGLE_PROCESS, World, gather_objects, sum_
 from ..posterior import Posterior
-from ..priors import Prior, SpikeAndSlab, adaptive_precision, em_statistics, map_hyperparameters, pool_statistics
+from ..priors import (
+    Prior,
+    SpikeAndSlab,
+    adaptive_precision,
+    em_statistics,
+    group_em_statistics,
+    group_inclusion_probability,
+    group_log_prob,
+    map_hyperparameters,
+    pool_statistics,
+)
 from ..validation import check_count, check_fraction, check_number, check_positive
+from .em_units import UnitLayout
 from .sampling_target import NetworkTarget, PyroTarget
 from .sghmc import SGHMC, Schedule, SGHMCState, first_non_finite
 
@@ -53,6 +64,12 @@ class SGHMCResult:
         estimate), nll (mean minibatch NLL per example), log_joint, sparsity, step_size, seconds
         (sampling time so far) and for EM the shared π, σ₁, σ₀ (mean over weights).
     spike_scale: site -> its σ₀ (EM; empty without).
+    unit_inclusion (``structure="unit"``): unit group name -> (size,) the posterior inclusion probability of
+        each unit, ρ_k averaged over the chains (ρ is frozen after burn-in, so this is also its mean over
+        the kept draws); 0 for removed units. Empty for ``structure="weight"``.
+    unit_masks (``structure="unit"``): group name -> bool keep mask (size,) of the groups with removed
+        units, the same for every chain and draw; also ``posterior.unit_masks`` (what ``sparse.export``
+        cuts out) beside ``posterior.unit_inclusion``.
 
     For EM, ``posterior.hyperparameters`` holds, per chain and draw, a draw of π and σ₁ from their
     conditional posterior given the draw's weights (diagnostics; see the module docstring), not the
@@ -65,6 +82,11 @@ class SGHMCResult:
     masks: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     spike_scale: dict[str, float] = field(default_factory=dict)
+    unit_inclusion: dict[str, torch.Tensor] = field(default_factory=dict)
+    unit_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+STRUCTURES = ("weight", "unit")
 
 
 @dataclass(frozen=True)
@@ -98,9 +120,12 @@ class RunConfig:
     progress: bool | None = None
     metadata: dict[str, Any] | None = None
     callback: Callable[[dict[str, Any]], None] | None = None
+    structure: str = "weight"
 
     def check(self) -> None:
         """A ValueError naming the first impossible setting."""
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {', '.join(map(repr, STRUCTURES))}, got {self.structure!r}")
         check_fraction("target_sparsity", self.target_sparsity)
         for name in ("chains", "samples", "epochs", "batch_size", "em_every", "prune_steps"):
             check_count(name, getattr(self, name))
@@ -131,6 +156,7 @@ class Chain:
         self.state = state
         self.num_sites = num_sites
         self.inclusion: torch.Tensor | None = None
+        self.unit_inclusion: torch.Tensor | None = None  # ρ_k (U,) of the units (structure="unit")
         self.weight_mean = state.position[:num_sites].detach().clone()
         self.draws: list[torch.Tensor] = []
         self.stats: dict[str, list[float]] = {}
@@ -142,12 +168,13 @@ class Chain:
         return self.state.position[: self.num_sites]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state.state_dict(), "inclusion": self.inclusion, "weight_mean": self.weight_mean,
-                "draws": self.draws, "stats": self.stats, "trace": self.trace}
+        return {"state": self.state.state_dict(), "inclusion": self.inclusion, "unit_inclusion": self.unit_inclusion,
+                "weight_mean": self.weight_mean, "draws": self.draws, "stats": self.stats, "trace": self.trace}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.state.load_state_dict(saved["state"])
         self.inclusion, self.weight_mean = saved["inclusion"], saved["weight_mean"]
+        self.unit_inclusion = saved.get("unit_inclusion")
         self.draws, self.stats, self.trace = saved["draws"], saved["stats"], saved["trace"]
 
 
@@ -186,8 +213,22 @@ class _SharedEM:
 
         return SpikeAndSlabNormal(self.hyper["slab_scale"], self.spike_per_weight, self.hyper["inclusion"])
 
-    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    def responsibilities(self, weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The E-step of a chain's weights (W,) with active ``mask`` (W,): γ(w) per weight (0 where removed),
+        and the units' ρ_k (None: no units)."""
+        return self.mixture().inclusion_probability(weights).mul_(mask), None
+
+    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor,
+                      unit_inclusion: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return em_statistics(inclusion, weights, self.groups, len(self.hyper["spike_scale"]))
+
+    def log_prior(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(w) of the active weights under the shared prior (0-dim)."""
+        return self.mixture().log_prob(weights)[mask].sum()
+
+    def unit_values(self) -> dict[str, float]:
+        """The units' shared values for the traces (none without units)."""
+        return {}
 
     def map_of(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         config = self.config
@@ -226,6 +267,95 @@ class _SharedEM:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.hyper, self.statistics = saved["hyper"], saved["statistics"]
+
+
+class _SharedUnitEM(_SharedEM):
+    """``_SharedEM`` of a group spike-and-slab (``structure="unit"``, see ``infer.em``): the incoming weights
+    of unit k of ``units`` share one inclusion variable z_k ~ Bernoulli(π_u) (hyper "unit_inclusion"), the
+    other (free) weights keep their own under π ("inclusion"), one slab σ₁ and the per-layer σ₀ for all.
+    unit_keep: (U,) bool, the units not removed (the same for every chain)."""
+
+    def __init__(self, prior: SpikeAndSlab, spike_scale: torch.Tensor, groups: torch.Tensor, chains: int,
+                 config: RunConfig, units: UnitLayout):
+        self.units = units
+        self.unit_keep = torch.ones(units.num_units, dtype=torch.bool, device=groups.device)
+        super().__init__(prior, spike_scale, groups, chains, config)
+        self.hyper["unit_inclusion"] = prior.inclusion.detach().clone()
+        self.statistics = self._implied_statistics(chains)
+
+    def _implied_statistics(self, chains: int) -> dict[str, torch.Tensor]:
+        hyper, free = self.hyper, self.units.free
+        pi, slab, spike = hyper["inclusion"], hyper["slab_scale"], hyper["spike_scale"]
+        pi_unit = hyper.get("unit_inclusion", pi)
+        expected = torch.where(free, pi, pi_unit).to(slab)  # E[z] of each weight's inclusion variable
+        spike_count = torch.zeros(len(spike), dtype=slab.dtype, device=slab.device).index_add_(
+            0, self.groups, 1 - expected) * chains
+        slab_count, count = expected.sum() * chains, free.sum().to(slab) * chains
+        units = torch.tensor(float(self.units.num_units * chains), dtype=slab.dtype, device=slab.device)
+        return {"count": count, "included": count * pi, "slab_square": slab_count * slab**2,
+                "spike_count": spike_count, "spike_square": spike_count * spike**2, "slab_count": slab_count,
+                "unit_count": units, "unit_included": units * pi_unit}
+
+    def responsibilities(self, weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ (W,): a free weight's γ(w), a unit's incoming weights their unit's ρ_k (0 where removed), and ρ (U,):
+        ρ_k = σ(logit π_u + Σ_j log N(w_kj; 0, σ₁²) − log N(w_kj; 0, σ₀²)) over unit k's active incoming
+        weights (``priors.group_inclusion_probability``), 0 for removed units."""
+        units, hyper, incoming = self.units, self.hyper, self.units.incoming
+        unit_gamma = group_inclusion_probability(
+            weights[incoming], units.incoming_unit, units.num_units, hyper["unit_inclusion"], hyper["slab_scale"],
+            self.spike_per_weight[incoming], mask[incoming]).mul_(self.unit_keep)
+        gamma = self.mixture().inclusion_probability(weights).mul_(mask)
+        gamma[incoming] = unit_gamma[units.incoming_unit] * mask[incoming]
+        return gamma, unit_gamma
+
+    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor,
+                      unit_inclusion: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return group_em_statistics(inclusion, weights, self.groups, len(self.hyper["spike_scale"]), self.units.free,
+                                   unit_inclusion)
+
+    def log_prior(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Σ over active free weights of log p(w) and over kept units of log p(w_k) (``priors.group_log_prob``)."""
+        units, hyper, incoming = self.units, self.hyper, self.units.incoming
+        per_unit = group_log_prob(weights[incoming], units.incoming_unit, units.num_units, hyper["unit_inclusion"],
+                                  hyper["slab_scale"], self.spike_per_weight[incoming], mask[incoming])
+        return self.mixture().log_prob(weights)[units.free & mask].sum() + per_unit[self.unit_keep].sum()
+
+    def unit_values(self) -> dict[str, float]:
+        """π_u and the fraction of units removed."""
+        return {"unit_inclusion": float(self.hyper["unit_inclusion"]),
+                "unit_sparsity": 1.0 - float(self.unit_keep.sum()) / self.units.num_units}
+
+    def implied(self, weights: torch.Tensor, mask: torch.Tensor, seed: int) -> dict[str, float]:
+        """``_SharedEM.implied`` with the units: z_k ~ Bernoulli(ρ_k) per unit (its weights take z_k), z_j ~
+        Bernoulli(γ_j) per free weight; π_u ~ Beta(a + Σz_k, b + U − Σz_k), π ~ Beta(a + Σ_free z, b + p_free −
+        Σ_free z), σ₁² ~ InvGamma(α + Σ_i z_i / 2, β + Σ_i z_i w_i² / 2)."""
+        gamma, unit_gamma = self.responsibilities(weights, mask)
+        new = self.map_of(self.statistics_of(gamma, weights, unit_gamma))
+        (a, b), (alpha, beta) = self.config.beta_prior, self.config.slab_prior
+        units, dtype = self.units, weights.dtype
+        with torch.random.fork_rng(devices=[weights.device] if weights.is_cuda else []):
+            torch.manual_seed(seed)
+            z = (torch.rand(gamma.shape, device=gamma.device) < gamma).to(dtype)
+            z_unit = (torch.rand(unit_gamma.shape, device=gamma.device) < unit_gamma).to(dtype)
+            z[units.incoming] = z_unit[units.incoming_unit] * mask[units.incoming]
+            free = units.free.to(dtype)
+            included, count, in_units = torch.dot(z, free), free.sum(), z_unit.sum()
+            draws = torch._standard_gamma(torch.stack([included + a, count - included + b, alpha + z.sum() / 2,
+                                                       in_units + a, units.num_units - in_units + b]))
+        slab_variance = (beta + torch.dot(z, weights * weights) / 2) / draws[2]
+        return {"implied_inclusion": float(new["inclusion"]), "implied_slab_scale": float(new["slab_scale"]),
+                "implied_unit_inclusion": float(new["unit_inclusion"]),
+                "conditional_inclusion": float(draws[0] / (draws[0] + draws[1])),
+                "conditional_slab_scale": float(slab_variance.sqrt()),
+                "conditional_unit_inclusion": float(draws[3] / (draws[3] + draws[4]))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "unit_keep": self.unit_keep,
+                "unit_groups": [[name, size] for name, size in zip(self.units.names, self.units.sizes, strict=True)]}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        super().load_state_dict(saved)
+        self.unit_keep = saved["unit_keep"]
 
 
 def site_spike_scales(initial: dict[str, torch.Tensor], prior: SpikeAndSlab, spike_scale: float | str | None,
@@ -268,7 +398,7 @@ def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
     thinning = collect_steps // config.samples
     keep_at = {burn_steps + thinning * (k + 1) - 1 for k in range(config.samples)}
     prune_at = {}
-    if config.em and config.target_sparsity > 0:
+    if config.em and (config.target_sparsity > 0 or config.structure == "unit"):
         for k in range(1, config.prune_steps + 1):
             fraction = config.prune_start + (config.prune_end - config.prune_start) * k / config.prune_steps
             sparsity = config.target_sparsity * (1 - (1 - k / config.prune_steps) ** 3)
@@ -277,16 +407,23 @@ def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
 
 
 def _start_em(sampler: SGHMC, runs: list[Chain], site_layout: list, spike_scales: dict[str, float],
-              prior: SpikeAndSlab, config: RunConfig) -> _SharedEM:
-    """The shared EM state from the prior and the per-site σ₀; each chain's ρ = γ(its initial weights)
-    and its adaptive-L2 precision."""
+              prior: SpikeAndSlab, config: RunConfig, units: UnitLayout | None = None) -> _SharedEM:
+    """The shared EM state from the prior and the per-site σ₀ (with ``units``: a group spike-and-slab over
+    them); each chain's ρ = γ(its initial weights) and its adaptive-L2 precision."""
     device = runs[0].state.position.device
     sizes = torch.tensor([shape.numel() for _, shape in site_layout], device=device)
     groups = torch.repeat_interleave(torch.arange(len(site_layout), device=device), sizes)
     spike = torch.tensor([spike_scales[name] for name, _ in site_layout], device=device)
-    shared = _SharedEM(prior, spike, groups, config.chains, config)
+    if units is None:
+        shared = _SharedEM(prior, spike, groups, config.chains, config)
+    else:
+        shared = _SharedUnitEM(prior, spike, groups, config.chains, config, units)
     for run in runs:
-        run.inclusion = shared.mixture().inclusion_probability(run.weights).detach()
+        if units is None:
+            run.inclusion = shared.mixture().inclusion_probability(run.weights).detach()
+        else:
+            run.inclusion, run.unit_inclusion = shared.responsibilities(run.weights.detach(),
+                                                                        run.state.mask[: run.num_sites])
         run.state.prior_precision = sampler.site_vector(run.state, 0.0)
         _set_precision(sampler, run, shared)
     return shared
@@ -319,13 +456,14 @@ def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float, 
     """An E-step of every chain, then one M-step on the chains' pooled statistics (``rate``: ω): over several
     processes, the statistics of their chains are summed by one all-reduce, so all get the same M-step."""
     with torch.no_grad():
-        mixture = shared.mixture()
         statistics = []
         for run in runs:
-            gamma = mixture.inclusion_probability(run.weights).mul_(run.state.mask[: run.num_sites])
+            gamma, unit_gamma = shared.responsibilities(run.weights, run.state.mask[: run.num_sites])
             run.inclusion.lerp_(gamma, rate)
+            if unit_gamma is not None:
+                run.unit_inclusion.lerp_(unit_gamma, rate)
             run.weight_mean.lerp_(run.weights, rate)
-            statistics.append(shared.statistics_of(gamma, run.weights))
+            statistics.append(shared.statistics_of(gamma, run.weights, unit_gamma))
         pooled = _all_reduced(pool_statistics(statistics), world)
         for key, value in shared.statistics.items():
             value.lerp_(pooled[key].to(value), rate)
@@ -361,6 +499,47 @@ def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
         run.inclusion.mul_(state.mask[: run.num_sites])
 
 
+def _unit_scores(units: UnitLayout, run: Chain) -> torch.Tensor:
+    """The pruning score of each unit of one chain (U,): ρ_k · rms(w̄ in) · rms(w̄ out), the root mean squares
+    of the averaged weights w̄ over unit k's active incoming weights and its active Bayesian outgoing weights
+    (the readers' columns; 1 where it has none)."""
+    mask = run.state.mask[: run.num_sites]
+    square = run.weight_mean.square() * mask
+    active = mask.to(square.dtype)
+
+    def rms(coordinates: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        count = units.unit_sum(active, coordinates, unit)
+        mean = units.unit_sum(square, coordinates, unit) / count.clamp(min=1)
+        return torch.where(count > 0, mean.sqrt(), torch.ones_like(mean))
+
+    return run.unit_inclusion * rms(units.incoming, units.incoming_unit) * rms(units.outgoing, units.outgoing_unit)
+
+
+def _prune_units(sampler: SGHMC, runs: list[Chain], shared: _SharedUnitEM, sparsity: float,
+                 world: World = SINGLE_PROCESS) -> None:
+    """Remove, from every chain alike, the units whose ρ_k averaged over all chains is below 1/2, then the
+    kept units of lowest score summed over all chains (``_unit_scores``) until a fraction ``sparsity`` of the
+    units is removed. Over several processes the chains' sums are one all-reduce, so all decide alike."""
+    units, chains = shared.units, shared.config.chains
+    with torch.no_grad():
+        local = {"score": torch.stack([_unit_scores(units, run) for run in runs]).sum(0),
+                 "inclusion": torch.stack([run.unit_inclusion for run in runs]).sum(0)}
+        pooled = _all_reduced(local, world)
+        keep = shared.unit_keep & (pooled["inclusion"] >= 0.5 * chains)
+        removed = int((~keep).sum())
+        remove = int(round(sparsity * units.num_units)) - removed
+        if remove > 0:  # removed units first (score −∞), then the kept ones by increasing score
+            score = torch.where(keep, pooled["score"], torch.full_like(pooled["score"], -math.inf))
+            keep[torch.argsort(score, stable=True)[removed: removed + remove]] = False
+        if bool(torch.equal(keep, shared.unit_keep)):
+            return
+        shared.unit_keep = keep
+        for run in runs:
+            sampler.prune(run.state, units.keep_positions(keep, run.state.position.numel()))
+            run.inclusion.mul_(run.state.mask[: run.num_sites])
+            run.unit_inclusion.mul_(keep)
+
+
 def _log_prior(prior: Prior | None, run: Chain, shared: _SharedEM | None) -> float:
     """log p(θ) of the chain's active site weights where the sampler's loss leaves it out: the shared
     spike-and-slab (EM) or the model's prior applied as an L2 term (``state.prior_precision``); 0 where
@@ -369,8 +548,10 @@ def _log_prior(prior: Prior | None, run: Chain, shared: _SharedEM | None) -> flo
     if shared is None and run.state.prior_precision is None:
         return 0.0
     with torch.no_grad():
-        log_prob = (prior if shared is None else shared.mixture()).log_prob(run.weights)
-        return float(log_prob[run.state.mask[: run.num_sites]].sum())
+        mask = run.state.mask[: run.num_sites]
+        if shared is not None:
+            return float(shared.log_prior(run.weights, mask))
+        return float(prior.log_prob(run.weights)[mask].sum())
 
 
 def _sparsity(run: Chain) -> float:
@@ -386,6 +567,7 @@ def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: _SharedEM |
               "log_joint": -n * float(state.loss) + _log_prior(prior, run, shared), "sparsity": _sparsity(run)}
     if shared is not None:
         record.update(_shared_values(shared))
+        record.update(shared.unit_values())
         with torch.no_grad():
             record.update(shared.implied(run.weights, state.mask[: run.num_sites], seed))
     return record
@@ -407,6 +589,7 @@ def _epoch_row(per_chain: list[tuple[float, float, float | None]], epoch: int, s
            "seconds": seconds}
     if shared is not None:
         row.update(_shared_values(shared))
+        row.update(shared.unit_values())
     return row
 
 
@@ -431,7 +614,10 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     if shared is not None:  # per chain and draw, what the draw implies (the shared values are constant)
         hyperparameters = {"inclusion": stats.pop("conditional_inclusion"),
                            "slab_scale": stats.pop("conditional_slab_scale")}
-    for key in ("step", "inclusion", "slab_scale", "spike_scale", "implied_inclusion", "implied_slab_scale"):
+    if "conditional_unit_inclusion" in stats:
+        hyperparameters["unit_inclusion"] = stats.pop("conditional_unit_inclusion")
+    for key in ("step", "inclusion", "slab_scale", "spike_scale", "implied_inclusion", "implied_slab_scale",
+                "unit_inclusion", "implied_unit_inclusion"):
         stats.pop(key, None)
     sample_stats = {"lp": stats.pop("log_joint"), **stats}
     posterior = make_posterior(samples, len(runs), sample_stats=sample_stats, hyperparameters=hyperparameters)
@@ -440,6 +626,8 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     masks = {name: torch.stack([mask for mask in per_chain]) for name, per_chain in
              _transpose([_split_sites(run.state.mask[:num_sites], site_layout) for run in runs]).items()}
     inclusion = {}
+    unit_masks, unit_inclusion = _unit_result(shared, runs)
+    posterior.unit_masks, posterior.unit_inclusion = unit_masks, unit_inclusion
     if shared is not None:
         inclusion = _split_sites(torch.stack([run.inclusion for run in runs]).mean(0), site_layout)
         with torch.no_grad():  # the model's prior: the shared hyperparameters (σ₀: its mean over weights)
@@ -448,7 +636,23 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     else:
         for name, value in initial_hyper.items():
             prior.get_buffer(name).copy_(value)
-    return SGHMCResult(posterior, traces, inclusion, masks, history, dict(spike_scales))
+    return SGHMCResult(posterior, traces, inclusion, masks, history, dict(spike_scales), unit_inclusion, unit_masks)
+
+
+def _unit_result(shared: Any, runs: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(group name -> keep mask (size,) of the groups with removed units, group name -> ρ_k (size,) averaged over
+    the chains) of a ``structure="unit"`` run (``shared``: its ``_SharedUnitEM`` or the state it saved); two
+    empty dicts otherwise."""
+    keep = getattr(shared, "unit_keep", None)
+    if keep is None:
+        return {}, {}
+    names, sizes = zip(*shared.unit_groups, strict=True) if hasattr(shared, "unit_groups") else \
+        (shared.units.names, shared.units.sizes)
+    inclusion = torch.stack([run.unit_inclusion for run in runs]).mean(0).cpu()
+    keep = keep.cpu()
+    masks = {name: mask.clone() for name, mask in zip(names, keep.split(list(sizes)), strict=True)
+             if not bool(mask.all())}
+    return masks, {name: part.clone() for name, part in zip(names, inclusion.split(list(sizes)), strict=True)}
 
 
 def _transpose(per_chain: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -503,6 +707,9 @@ class EMSGHMC:
     def __init__(self, target: NetworkTarget | PyroTarget, config: RunConfig, dataset_size: int,
                  steps_per_epoch: int | None = None, world: World = SINGLE_PROCESS):
         config.check()
+        if config.structure == "unit" and not isinstance(target, NetworkTarget):
+            raise ValueError("structure='unit' needs a ps.BayesianNetwork (its units are found by tracing the "
+                             "network): for a Pyro model use structure='weight'")
         if config.chains < world.size:
             raise ValueError(f"chains={config.chains} cannot be spread over {world.size} processes: give at least "
                              f"one chain per process")
@@ -538,7 +745,8 @@ class EMSGHMC:
             spike_scale = target.default_spike_scale if config.spike_scale == "auto" else config.spike_scale
             self.spike_scales = site_spike_scales(target.initial_site_values(), target.prior, spike_scale,
                                                   config.spike_fraction)
-            shared = _start_em(self.sampler, runs, self.site_layout, self.spike_scales, target.prior, config)
+            units = target.unit_layout(runs[0].state.layout) if config.structure == "unit" else None
+            shared = _start_em(self.sampler, runs, self.site_layout, self.spike_scales, target.prior, config, units)
         return EMState(runs, shared, seed)
 
     def step(self, state: EMState, batches: list[Any]) -> EMState:
@@ -567,8 +775,10 @@ class EMSGHMC:
             bad = first_non_finite(shared.hyper)
             if bad is not None:
                 raise Diverged(f"the M-step gave a non-finite {bad}")
+        if k in plan.prune_at and isinstance(shared, _SharedUnitEM):
+            _prune_units(sampler, state.chains, shared, plan.prune_at[k], self.world)
         for run in state.chains:
-            if k in plan.prune_at:
+            if k in plan.prune_at and not isinstance(shared, _SharedUnitEM):
                 _prune(sampler, run, plan.prune_at[k])
             if (k + 1) % em_every == 0 or k in plan.keep_at:
                 record = _record(sampler, run, self.target.prior, shared, k, self.dataset_size,
@@ -603,7 +813,8 @@ class EMSGHMC:
             saved = _moved(saved, device)
             chains.append(SimpleNamespace(
                 index=saved["index"], num_sites=saved["num_sites"], draws=saved["draws"], stats=saved["stats"],
-                trace=saved["trace"], inclusion=saved["inclusion"], saved=saved,
+                trace=saved["trace"], inclusion=saved["inclusion"], unit_inclusion=saved.get("unit_inclusion"),
+                saved=saved,
                 state=SimpleNamespace(layout=saved["state"]["layout"], mask=saved["state"]["mask"],
                                       position=saved["state"]["position"],
                                       prior_precision=saved["state"]["prior_precision"])))
