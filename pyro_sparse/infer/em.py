@@ -68,16 +68,20 @@ keep the per-weight spike-and-slab with their own π. Then
   σ₁² = (Σ_k ρ_k Σ_j w_kj² + Σ_free γ_j w_j² + 2β) / (Σ_k ρ_k n_k + Σ_free γ_j + 2α + 2); σ₀² per layer as
   before, each weight with its ρ. Every statistic is a sum over units and weights, so chains and processes
   still pool by summing. With one weight per unit (n_k = 1) all of this is the per-weight E- and M-step;
-- pruning: at each event of the ramp, the units whose ρ_k averaged over all chains is below 1/2 are
-  removed, then the units of lowest score Σ_chains ρ_k · rms(w̄ in) · rms(w̄ out) (root mean squares of
-  the averaged incoming weights and of the Bayesian outgoing weights, the readers' columns) until a
-  fraction ``target_sparsity`` of the units is gone. A removed unit takes its incoming weights, its bias,
-  its BatchNorm γ and β and the readers' columns with it (exactly zero in the sampler from then on, so its
-  output is exactly zero in every draw). Units are removed **alike in every chain** (the decision uses the
-  sums over chains): all draws then share one smaller architecture, which ``sparse.export`` cuts out
-  (``posterior.unit_masks``). Since ρ is frozen after burn-in, ρ_k averaged over chains is also its mean
-  over the kept draws: ``result.unit_inclusion`` / ``posterior.unit_inclusion`` (the 1/2 rule is the
-  median probability model of Barbieri & Berger, 2004).
+- pruning: at each event of the ramp (also with ``target_sparsity=0``), the units whose ρ_k averaged over
+  all chains is below 1/2 are removed (the median probability model of Barbieri & Berger, 2004), then
+  the units of lowest score Σ_chains ρ_k · rms(w̄ in) · rms(w̄ out) / (its mean over the layer's kept
+  units) until a fraction ``target_sparsity`` of the units is gone (rms: root mean squares of the
+  averaged incoming weights and of the Bayesian outgoing weights, the readers' columns;
+  ``em_kernel._unit_scores`` compares it with alternatives); every layer keeps at least one unit. As ρ
+  per weight, ρ_k saturates at 1 for a unit whose weights lie well above σ₀, whether the data need it or
+  not (a 16-unit student of a 3-unit teacher: all 16 ρ_k = 1 after burn-in without the ramp), so the ramp
+  does most of the removing. A removed unit takes its incoming weights, its bias, its BatchNorm γ and β
+  and the readers' columns with it (exactly zero in the sampler from then on, so its output is exactly
+  zero in every draw). Units are removed **alike in every chain** (the decision uses sums over chains):
+  all draws share one smaller architecture, which ``sparse.export`` cuts out (``posterior.unit_masks``).
+  Since ρ is frozen after burn-in, ρ_k averaged over chains is also its mean over the kept draws:
+  ``result.unit_inclusion`` / ``posterior.unit_inclusion`` (0 for removed units).
 
 Deviations from Deng et al. (2019), whose spike-and-slab is per weight: the inclusion variable is per unit
 (a group prior, as in structured spike-and-slab regression), because removing single weights does not make

@@ -57,12 +57,15 @@ class SGHMCResult:
         "step", "step_size", "log_joint" (minibatch estimate of log p(θ, D)), "sparsity", and for
         EM the shared "inclusion" (π), "slab_scale" (σ₁), "spike_scale" (σ₀, the mean over weights
         of the per-layer σ₀) and the chain's own "implied_inclusion", "implied_slab_scale" (M-step
-        of its statistics) and "conditional_inclusion", "conditional_slab_scale" (conditional draws).
+        of its statistics) and "conditional_inclusion", "conditional_slab_scale" (conditional draws); with
+        ``structure="unit"`` also the shared π_u "unit_inclusion", "unit_sparsity" (fraction of the units
+        removed) and the chain's "implied_unit_inclusion", "conditional_unit_inclusion".
     inclusion_probability: site -> ρ averaged over chains (site shape); empty without EM.
     masks: site -> (chains, *site shape) bool, True where the weight is kept.
     history: one dict per epoch: epoch, neg_log_joint (−log p(θ, D) / N at the epoch's end, minibatch
         estimate), nll (mean minibatch NLL per example), log_joint, sparsity, step_size, seconds
-        (sampling time so far) and for EM the shared π, σ₁, σ₀ (mean over weights).
+        (sampling time so far) and for EM the shared π, σ₁, σ₀ (mean over weights); with units also
+        unit_inclusion (π_u) and unit_sparsity.
     spike_scale: site -> its σ₀ (EM; empty without).
     unit_inclusion (``structure="unit"``): unit group name -> (size,) the posterior inclusion probability of
         each unit, ρ_k averaged over the chains (ρ is frozen after burn-in, so this is also its mean over
@@ -73,7 +76,8 @@ class SGHMCResult:
 
     For EM, ``posterior.hyperparameters`` holds, per chain and draw, a draw of π and σ₁ from their
     conditional posterior given the draw's weights (diagnostics; see the module docstring), not the
-    shared values (constant after burn-in, in ``traces`` and ``model.prior``).
+    shared values (constant after burn-in, in ``traces`` and ``model.prior``); with ``structure="unit"``
+    also "unit_inclusion" (π_u), and ``posterior.sample_stats`` "unit_sparsity".
     """
 
     posterior: Posterior
@@ -499,10 +503,17 @@ def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
         run.inclusion.mul_(state.mask[: run.num_sites])
 
 
-def _unit_scores(units: UnitLayout, run: Chain) -> torch.Tensor:
+def _unit_scores(units: UnitLayout, run: Chain, keep: torch.Tensor) -> torch.Tensor:
     """The pruning score of each unit of one chain (U,): ρ_k · rms(w̄ in) · rms(w̄ out), the root mean squares
     of the averaged weights w̄ over unit k's active incoming weights and its active Bayesian outgoing weights
-    (the readers' columns; 1 where it has none)."""
+    (the readers' columns; 1 where it has none), divided by its mean over the kept units (``keep`` (U,) bool)
+    of the unit's group.
+
+    The division makes layers comparable: weights scale as 1/√fan-in, so raw scores rank the units of wide
+    layers lowest. On digits (mlp 64-64-64-10, 2 seeds, 2 chains) at 75 % unit sparsity the raw score kept
+    23 + 9 units at 92.6 / 92.4 % accuracy, the divided one 17 + 15 at 95.6 / 93.3 %; ρ · rms(w̄ in) alone
+    (no outgoing weights) lost 2–4 points against it at 87.5 % with one hidden layer (91.6 / 93.6 against
+    95.6 / 94.7 %)."""
     mask = run.state.mask[: run.num_sites]
     square = run.weight_mean.square() * mask
     active = mask.to(square.dtype)
@@ -512,17 +523,22 @@ def _unit_scores(units: UnitLayout, run: Chain) -> torch.Tensor:
         mean = units.unit_sum(square, coordinates, unit) / count.clamp(min=1)
         return torch.where(count > 0, mean.sqrt(), torch.ones_like(mean))
 
-    return run.unit_inclusion * rms(units.incoming, units.incoming_unit) * rms(units.outgoing, units.outgoing_unit)
+    raw = run.unit_inclusion * rms(units.incoming, units.incoming_unit) * rms(units.outgoing, units.outgoing_unit)
+    group, kept = units.group_index, keep.to(raw.dtype)
+    zeros = torch.zeros(len(units.sizes), dtype=raw.dtype, device=raw.device)
+    mean = zeros.index_add(0, group, raw * kept) / zeros.index_add(0, group, kept).clamp(min=1)
+    return raw / mean.clamp(min=torch.finfo(raw.dtype).tiny)[group]
 
 
 def _prune_units(sampler: SGHMC, runs: list[Chain], shared: _SharedUnitEM, sparsity: float,
                  world: World = SINGLE_PROCESS) -> None:
     """Remove, from every chain alike, the units whose ρ_k averaged over all chains is below 1/2, then the
     kept units of lowest score summed over all chains (``_unit_scores``) until a fraction ``sparsity`` of the
-    units is removed. Over several processes the chains' sums are one all-reduce, so all decide alike."""
+    units is removed; every group keeps at least its best unit. Over several processes the chains' sums are
+    one all-reduce, so all decide alike."""
     units, chains = shared.units, shared.config.chains
     with torch.no_grad():
-        local = {"score": torch.stack([_unit_scores(units, run) for run in runs]).sum(0),
+        local = {"score": torch.stack([_unit_scores(units, run, shared.unit_keep) for run in runs]).sum(0),
                  "inclusion": torch.stack([run.unit_inclusion for run in runs]).sum(0)}
         pooled = _all_reduced(local, world)
         keep = shared.unit_keep & (pooled["inclusion"] >= 0.5 * chains)
@@ -531,6 +547,11 @@ def _prune_units(sampler: SGHMC, runs: list[Chain], shared: _SharedUnitEM, spars
         if remove > 0:  # removed units first (score −∞), then the kept ones by increasing score
             score = torch.where(keep, pooled["score"], torch.full_like(pooled["score"], -math.inf))
             keep[torch.argsort(score, stable=True)[removed: removed + remove]] = False
+        for group_keep, group_score, before in zip(keep.split(list(units.sizes)), pooled["score"].split(
+                list(units.sizes)), shared.unit_keep.split(list(units.sizes)), strict=True):
+            if not bool(group_keep.any()):  # the group's best unit stays (an empty layer cuts the network)
+                best = torch.where(before, group_score, torch.full_like(group_score, -math.inf)).argmax()
+                group_keep[best] = True
         if bool(torch.equal(keep, shared.unit_keep)):
             return
         shared.unit_keep = keep

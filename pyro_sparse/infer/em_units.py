@@ -54,6 +54,12 @@ class UnitLayout:
     def num_units(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def group_index(self) -> torch.Tensor:
+        """(U,) long: the group of each unit."""
+        sizes = torch.tensor(self.sizes, device=self.incoming.device)
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=sizes.device), sizes)
+
     def per_weight(self, unit_values: torch.Tensor, free_values: torch.Tensor) -> torch.Tensor:
         """(W,): ``free_values`` (W,) with each unit's incoming weights set to its ``unit_values`` (U,) entry."""
         out = free_values.clone()
