@@ -66,8 +66,9 @@ keep the per-weight spike-and-slab with their own π. Then
 - M-step (``priors.group_em_statistics``, ``map_hyperparameters``): π_u = (Σ_k ρ_k + a − 1) / (U + a + b − 2)
   over the U units; π over the free weights as before; one slab,
   σ₁² = (Σ_k ρ_k Σ_j w_kj² + Σ_free γ_j w_j² + 2β) / (Σ_k ρ_k n_k + Σ_free γ_j + 2α + 2); σ₀² per layer as
-  before, each weight with its ρ. Every statistic is a sum over units and weights, so chains and processes
-  still pool by summing. With one weight per unit (n_k = 1) all of this is the per-weight E- and M-step;
+  before, each weight with its ρ. Removed units count as spike (ρ_k = 0, still among the U), as removed
+  weights do. Every statistic is a sum over units and weights, so chains and processes still pool by
+  summing. With one weight per unit (n_k = 1) all of this is the per-weight E- and M-step;
 - pruning: at each event of the ramp (also with ``target_sparsity=0``), the units whose ρ_k averaged over
   all chains is below 1/2 are removed (the median probability model of Barbieri & Berger, 2004), then
   the units of lowest score Σ_chains ρ_k · rms(w̄ in) · rms(w̄ out) / (its mean over the layer's kept
