@@ -184,6 +184,43 @@ def test_a_conv_net_with_batchnorm_exports_fewer_channels_with_the_same_predicti
         assert (evaluate_draw(model, mean, x).outputs - small(x)).abs().max() <= 1e-4
 
 
+class _Residual(nn.Module):
+    """x (B, 1, 8, 8): a stem and a residual block whose sum ties the stem's channels to the block's second
+    convolution (one unit group with two producers and two BatchNorms), then average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(h))))) + h))
+
+
+def test_channels_tied_by_a_residual_addition_go_together_and_export_exactly(digits):
+    data = digits.subsample(train=300, test=100)
+    torch.manual_seed(0)
+    model = ps.BayesianNetwork(_Residual(), prior=ps.priors.SpikeAndSlab(1.0, 0.01, 0.5), dataset_size=300)
+    assert model.unit_groups()["stem.0"].producers == ("stem.0", "conv2")
+    result = ps.em_sghmc(model, data.train, target_sparsity=0.5, structure="unit", chains=2, samples=2, epochs=4,
+                         batch_size=50, step_size=3e-3, seed=0)
+    keep = result.posterior.unit_masks["stem.0"]
+    for draw in result.posterior.samples["conv2.weight"]:  # the tied channels are zero in both producers
+        assert torch.all(draw[~keep] == 0)
+    assert torch.all(result.posterior.samples["stem.0.weight"][:, ~keep] == 0)
+    small = ps.sparse.export(model, result.posterior, layout="dense")
+    kept = int(keep.sum())
+    assert small.stem[0].weight.shape[0] == kept == small.conv2.weight.shape[0] == small.head[2].weight.shape[1]
+    x = data.test.tensors[0]
+    mean = {name: draws.mean(0) for name, draws in result.posterior.samples.items()}
+    model.eval()
+    with torch.no_grad():
+        assert (evaluate_draw(model, mean, x).outputs - small(x)).abs().max() <= 1e-4
+
+
 class _Crash(Exception):
     pass
 
