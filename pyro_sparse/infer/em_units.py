@@ -60,12 +60,6 @@ class UnitLayout:
         sizes = torch.tensor(self.sizes, device=self.incoming.device)
         return torch.repeat_interleave(torch.arange(len(self.sizes), device=sizes.device), sizes)
 
-    def per_weight(self, unit_values: torch.Tensor, free_values: torch.Tensor) -> torch.Tensor:
-        """(W,): ``free_values`` (W,) with each unit's incoming weights set to its ``unit_values`` (U,) entry."""
-        out = free_values.clone()
-        out[self.incoming] = unit_values[self.incoming_unit].to(out.dtype)
-        return out
-
     def unit_sum(self, values: torch.Tensor, coordinates: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Σ of ``values`` (W,) over each unit's ``coordinates`` (with ``units`` their unit): (U,)."""
         zeros = torch.zeros(self.num_units, dtype=values.dtype, device=values.device)
@@ -77,16 +71,6 @@ class UnitLayout:
         removed = torch.zeros(size, dtype=torch.float32, device=keep.device)
         removed.index_add_(0, self.removed, (~keep)[self.removed_unit].to(torch.float32))
         return removed == 0
-
-    def group_masks(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Group name -> bool keep mask (size,) of the groups with a removed unit (``units.slice_network``'s
-        ``keep``)."""
-        return {name: mask.clone() for name, mask in zip(self.names, keep.split(list(self.sizes)), strict=True)
-                if not bool(mask.all())}
-
-    def group_values(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Group name -> its units' entries (size,) of a (U,) tensor."""
-        return {name: part.clone() for name, part in zip(self.names, values.split(list(self.sizes)), strict=True)}
 
 
 def _parameter_places(model: BayesianNetwork, layout) -> dict[tuple[str, str], tuple[int, torch.Size, bool]]:
