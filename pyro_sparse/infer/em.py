@@ -29,7 +29,7 @@ so the kept draws came from a moving target. Frozen, the draws sample one poster
 weights under the empirical-Bayes prior fitted in burn-in, with a constant mass matrix.
 
 Diagnostics of the hyperparameters: at every record and kept draw, what the chain's own draw says
-about π and σ₁ is recorded besides the shared values (``_SharedEM.implied``): the MAP M-step of that
+about π and σ₁ is recorded besides the shared values (``SharedEM.implied``): the MAP M-step of that
 chain's statistics alone, with γ(w) of the draw under the shared hyperparameters (traces
 "implied_inclusion", "implied_slab_scale"), and a draw from the conditional posterior p(π, σ₁ | w)
 (traces "conditional_inclusion", "conditional_slab_scale"; ``posterior.hyperparameters`` "inclusion"
@@ -74,7 +74,7 @@ keep the per-weight spike-and-slab with their own π. Then
   the units of lowest score Σ_chains ρ_k · rms(w̄ in) · rms(w̄ out) / (its mean over the layer's kept
   units) until a fraction ``target_sparsity`` of the units is gone (rms: root mean squares of the
   averaged incoming weights and of the Bayesian outgoing weights, the readers' columns;
-  ``em_kernel._unit_scores`` compares it with alternatives); every layer keeps at least one unit. As ρ
+  ``em_units.unit_scores`` compares it with alternatives); every layer keeps at least one unit. As ρ
   per weight, ρ_k saturates at 1 for a unit whose weights lie well above σ₀, whether the data need it or
   not (a 16-unit student of a 3-unit teacher: all 16 ρ_k = 1 after burn-in without the ramp), so the ramp
   does most of the removing. A removed unit takes its incoming weights, its bias, its BatchNorm γ and β

@@ -13,7 +13,8 @@ hyperparameters after burn-in, divergence checks). Here it is split so that any 
 
 ``em_sghmc`` / ``sample_sghmc`` shuffle tensors by epoch, checkpoint and report; another loop may take its
 batches from elsewhere. ``config`` (``RunConfig``) holds every setting; ``kernel.plan`` says at which
-steps E/M-steps, pruning events and kept draws fall.
+steps E/M-steps, pruning events and kept draws fall. The hyperparameters the chains share live in
+``em_shared``; the group spike-and-slab of ``structure="unit"`` and the removal of units in ``em_units``.
 """
 
 from __future__ import annotations
@@ -28,21 +29,12 @@ from typing import Any
 
 import torch
 
-from ..distributed import SINGLE_PROCESS, World, gather_objects, sum_
+from ..distributed import SINGLE_PROCESS, World, gather_objects
 from ..posterior import Posterior
-from ..priors import (
-    Prior,
-    SpikeAndSlab,
-    adaptive_precision,
-    em_statistics,
-    group_em_statistics,
-    group_inclusion_probability,
-    group_log_prob,
-    map_hyperparameters,
-    pool_statistics,
-)
+from ..priors import Prior, SpikeAndSlab, pool_statistics
 from ..validation import check_count, check_fraction, check_number, check_positive
-from .em_units import UnitLayout
+from .em_shared import SharedEM, all_reduced
+from .em_units import SharedUnitEM, UnitLayout, prune_units, unit_result
 from .sampling_target import NetworkTarget, PyroTarget
 from .sghmc import SGHMC, Schedule, SGHMCState, first_non_finite
 
@@ -182,186 +174,6 @@ class Chain:
         self.draws, self.stats, self.trace = saved["draws"], saved["stats"], saved["trace"]
 
 
-class _SharedEM:
-    """The hyperparameters all chains share and the averaged sufficient statistics they come from.
-
-    inclusion π, slab_scale σ₁: 0-dim; spike_scale σ₀: (G,) per site; groups: (W,) the site of each
-    weight; statistics: the stochastic-approximation average of the pooled ``em_statistics``.
-    """
-
-    def __init__(self, prior: SpikeAndSlab, spike_scale: torch.Tensor, groups: torch.Tensor, chains: int,
-                 config: RunConfig):
-        self.config = config
-        self.groups = groups
-        self.hyper = {"inclusion": prior.inclusion.detach().clone(), "slab_scale": prior.slab_scale.detach().clone(),
-                      "spike_scale": spike_scale.to(prior.slab_scale)}
-        self.hyper["slab_scale"] = torch.maximum(self.hyper["slab_scale"], spike_scale.max() * 1.01)
-        self.statistics = self._implied_statistics(chains)
-
-    def _implied_statistics(self, chains: int) -> dict[str, torch.Tensor]:
-        """Statistics of ``chains`` chains whose MAP values (flat priors) are the current hyperparameters."""
-        pi, slab, spike = self.hyper["inclusion"], self.hyper["slab_scale"], self.hyper["spike_scale"]
-        sizes = torch.bincount(self.groups, minlength=len(spike)).to(slab) * chains
-        count = sizes.sum()
-        return {"count": count, "included": count * pi, "slab_square": count * pi * slab**2,
-                "spike_count": sizes * (1 - pi), "spike_square": sizes * (1 - pi) * spike**2}
-
-    @property
-    def spike_per_weight(self) -> torch.Tensor:
-        """σ₀ of each site weight (W,)."""
-        return self.hyper["spike_scale"][self.groups]
-
-    def mixture(self):
-        """The spike-and-slab of every site weight under the shared hyperparameters (batch shape (W,))."""
-        from ..distributions import SpikeAndSlabNormal
-
-        return SpikeAndSlabNormal(self.hyper["slab_scale"], self.spike_per_weight, self.hyper["inclusion"])
-
-    def responsibilities(self, weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The E-step of a chain's weights (W,) with active ``mask`` (W,): γ(w) per weight (0 where removed),
-        and the units' ρ_k (None: no units)."""
-        return self.mixture().inclusion_probability(weights).mul_(mask), None
-
-    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor,
-                      unit_inclusion: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return em_statistics(inclusion, weights, self.groups, len(self.hyper["spike_scale"]))
-
-    def log_prior(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """log p(w) of the active weights under the shared prior (0-dim)."""
-        return self.mixture().log_prob(weights)[mask].sum()
-
-    def unit_values(self) -> dict[str, float]:
-        """The units' shared values for the traces (none without units)."""
-        return {}
-
-    def map_of(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        config = self.config
-        return map_hyperparameters(statistics, self.hyper["spike_scale"], config.beta_prior, config.slab_prior,
-                                   config.spike_prior)
-
-    def precision(self, inclusion: torch.Tensor) -> torch.Tensor:
-        """The adaptive-L2 precision (W,) of a chain with inclusion averages ρ."""
-        return adaptive_precision(inclusion, self.hyper["slab_scale"], self.spike_per_weight)
-
-    def implied(self, weights: torch.Tensor, mask: torch.Tensor, seed: int) -> dict[str, float]:
-        """What one chain's draw says about π and σ₁ on its own (γ = γ(w) under the shared values):
-
-        - "implied_inclusion", "implied_slab_scale": the MAP M-step of the chain's statistics alone;
-        - "conditional_inclusion", "conditional_slab_scale": a draw from their conditional posterior
-          given the weights, z_j ~ Bernoulli(γ_j), π ~ Beta(a + Σz, b + p − Σz),
-          σ₁² ~ InvGamma(α + Σz/2, β + Σz w²/2) (whose mode is the M-step), seeded by ``seed``.
-
-        Removed weights count as spike (γ = z = 0)."""
-        gamma = self.mixture().inclusion_probability(weights) * mask
-        new = self.map_of(self.statistics_of(gamma, weights))
-        (a, b), (alpha, beta) = self.config.beta_prior, self.config.slab_prior
-        with torch.random.fork_rng(devices=[weights.device] if weights.is_cuda else []):
-            torch.manual_seed(seed)
-            z = (torch.rand(gamma.shape, device=gamma.device) < gamma).to(weights.dtype)
-            included, count = z.sum(), float(weights.numel())
-            gamma_draws = torch._standard_gamma(torch.stack([included + a, count - included + b,
-                                                             alpha + included / 2]))
-        pi = gamma_draws[0] / (gamma_draws[0] + gamma_draws[1])
-        slab_variance = (beta + torch.dot(z, weights * weights) / 2) / gamma_draws[2]
-        return {"implied_inclusion": float(new["inclusion"]), "implied_slab_scale": float(new["slab_scale"]),
-                "conditional_inclusion": float(pi), "conditional_slab_scale": float(slab_variance.sqrt())}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"hyper": self.hyper, "statistics": self.statistics}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.hyper, self.statistics = saved["hyper"], saved["statistics"]
-
-
-class _SharedUnitEM(_SharedEM):
-    """``_SharedEM`` of a group spike-and-slab (``structure="unit"``, see ``infer.em``): the incoming weights
-    of unit k of ``units`` share one inclusion variable z_k ~ Bernoulli(π_u) (hyper "unit_inclusion"), the
-    other (free) weights keep their own under π ("inclusion"), one slab σ₁ and the per-layer σ₀ for all.
-    unit_keep: (U,) bool, the units not removed (the same for every chain)."""
-
-    def __init__(self, prior: SpikeAndSlab, spike_scale: torch.Tensor, groups: torch.Tensor, chains: int,
-                 config: RunConfig, units: UnitLayout):
-        self.units = units
-        self.unit_keep = torch.ones(units.num_units, dtype=torch.bool, device=groups.device)
-        super().__init__(prior, spike_scale, groups, chains, config)
-        self.hyper["unit_inclusion"] = prior.inclusion.detach().clone()
-        self.statistics = self._implied_statistics(chains)
-
-    def _implied_statistics(self, chains: int) -> dict[str, torch.Tensor]:
-        hyper, free = self.hyper, self.units.free
-        pi, slab, spike = hyper["inclusion"], hyper["slab_scale"], hyper["spike_scale"]
-        pi_unit = hyper.get("unit_inclusion", pi)
-        expected = torch.where(free, pi, pi_unit).to(slab)  # E[z] of each weight's inclusion variable
-        spike_count = torch.zeros(len(spike), dtype=slab.dtype, device=slab.device).index_add_(
-            0, self.groups, 1 - expected) * chains
-        slab_count, count = expected.sum() * chains, free.sum().to(slab) * chains
-        units = torch.tensor(float(self.units.num_units * chains), dtype=slab.dtype, device=slab.device)
-        return {"count": count, "included": count * pi, "slab_square": slab_count * slab**2,
-                "spike_count": spike_count, "spike_square": spike_count * spike**2, "slab_count": slab_count,
-                "unit_count": units, "unit_included": units * pi_unit}
-
-    def responsibilities(self, weights: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """γ (W,): a free weight's γ(w), a unit's incoming weights their unit's ρ_k (0 where removed), and ρ (U,):
-        ρ_k = σ(logit π_u + Σ_j log N(w_kj; 0, σ₁²) − log N(w_kj; 0, σ₀²)) over unit k's active incoming
-        weights (``priors.group_inclusion_probability``), 0 for removed units."""
-        units, hyper, incoming = self.units, self.hyper, self.units.incoming
-        unit_gamma = group_inclusion_probability(
-            weights[incoming], units.incoming_unit, units.num_units, hyper["unit_inclusion"], hyper["slab_scale"],
-            self.spike_per_weight[incoming], mask[incoming]).mul_(self.unit_keep)
-        gamma = self.mixture().inclusion_probability(weights).mul_(mask)
-        gamma[incoming] = unit_gamma[units.incoming_unit] * mask[incoming]
-        return gamma, unit_gamma
-
-    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor,
-                      unit_inclusion: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return group_em_statistics(inclusion, weights, self.groups, len(self.hyper["spike_scale"]), self.units.free,
-                                   unit_inclusion)
-
-    def log_prior(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Σ over active free weights of log p(w) and over kept units of log p(w_k) (``priors.group_log_prob``)."""
-        units, hyper, incoming = self.units, self.hyper, self.units.incoming
-        per_unit = group_log_prob(weights[incoming], units.incoming_unit, units.num_units, hyper["unit_inclusion"],
-                                  hyper["slab_scale"], self.spike_per_weight[incoming], mask[incoming])
-        return self.mixture().log_prob(weights)[units.free & mask].sum() + per_unit[self.unit_keep].sum()
-
-    def unit_values(self) -> dict[str, float]:
-        """π_u and the fraction of units removed."""
-        return {"unit_inclusion": float(self.hyper["unit_inclusion"]),
-                "unit_sparsity": 1.0 - float(self.unit_keep.sum()) / self.units.num_units}
-
-    def implied(self, weights: torch.Tensor, mask: torch.Tensor, seed: int) -> dict[str, float]:
-        """``_SharedEM.implied`` with the units: z_k ~ Bernoulli(ρ_k) per unit (its weights take z_k), z_j ~
-        Bernoulli(γ_j) per free weight; π_u ~ Beta(a + Σz_k, b + U − Σz_k), π ~ Beta(a + Σ_free z, b + p_free −
-        Σ_free z), σ₁² ~ InvGamma(α + Σ_i z_i / 2, β + Σ_i z_i w_i² / 2)."""
-        gamma, unit_gamma = self.responsibilities(weights, mask)
-        new = self.map_of(self.statistics_of(gamma, weights, unit_gamma))
-        (a, b), (alpha, beta) = self.config.beta_prior, self.config.slab_prior
-        units, dtype = self.units, weights.dtype
-        with torch.random.fork_rng(devices=[weights.device] if weights.is_cuda else []):
-            torch.manual_seed(seed)
-            z = (torch.rand(gamma.shape, device=gamma.device) < gamma).to(dtype)
-            z_unit = (torch.rand(unit_gamma.shape, device=gamma.device) < unit_gamma).to(dtype)
-            z[units.incoming] = z_unit[units.incoming_unit] * mask[units.incoming]
-            free = units.free.to(dtype)
-            included, count, in_units = torch.dot(z, free), free.sum(), z_unit.sum()
-            draws = torch._standard_gamma(torch.stack([included + a, count - included + b, alpha + z.sum() / 2,
-                                                       in_units + a, units.num_units - in_units + b]))
-        slab_variance = (beta + torch.dot(z, weights * weights) / 2) / draws[2]
-        return {"implied_inclusion": float(new["inclusion"]), "implied_slab_scale": float(new["slab_scale"]),
-                "implied_unit_inclusion": float(new["unit_inclusion"]),
-                "conditional_inclusion": float(draws[0] / (draws[0] + draws[1])),
-                "conditional_slab_scale": float(slab_variance.sqrt()),
-                "conditional_unit_inclusion": float(draws[3] / (draws[3] + draws[4]))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "unit_keep": self.unit_keep,
-                "unit_groups": [[name, size] for name, size in zip(self.units.names, self.units.sizes, strict=True)]}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        super().load_state_dict(saved)
-        self.unit_keep = saved["unit_keep"]
-
-
 def site_spike_scales(initial: dict[str, torch.Tensor], prior: SpikeAndSlab, spike_scale: float | str | None,
                       fraction: float) -> dict[str, float]:
     """σ₀ per site of ``initial`` (site name -> its initial weights): ``fraction`` × the std of the site's
@@ -411,7 +223,7 @@ def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
 
 
 def _start_em(sampler: SGHMC, runs: list[Chain], site_layout: list, spike_scales: dict[str, float],
-              prior: SpikeAndSlab, config: RunConfig, units: UnitLayout | None = None) -> _SharedEM:
+              prior: SpikeAndSlab, config: RunConfig, units: UnitLayout | None = None) -> SharedEM:
     """The shared EM state from the prior and the per-site σ₀ (with ``units``: a group spike-and-slab over
     them); each chain's ρ = γ(its initial weights) and its adaptive-L2 precision."""
     device = runs[0].state.position.device
@@ -419,9 +231,9 @@ def _start_em(sampler: SGHMC, runs: list[Chain], site_layout: list, spike_scales
     groups = torch.repeat_interleave(torch.arange(len(site_layout), device=device), sizes)
     spike = torch.tensor([spike_scales[name] for name, _ in site_layout], device=device)
     if units is None:
-        shared = _SharedEM(prior, spike, groups, config.chains, config)
+        shared = SharedEM(prior, spike, groups, config.chains, config)
     else:
-        shared = _SharedUnitEM(prior, spike, groups, config.chains, config, units)
+        shared = SharedUnitEM(prior, spike, groups, config.chains, config, units)
     for run in runs:
         if units is None:
             run.inclusion = shared.mixture().inclusion_probability(run.weights).detach()
@@ -433,7 +245,7 @@ def _start_em(sampler: SGHMC, runs: list[Chain], site_layout: list, spike_scales
     return shared
 
 
-def _set_precision(sampler: SGHMC, run: Chain, shared: _SharedEM) -> None:
+def _set_precision(sampler: SGHMC, run: Chain, shared: SharedEM) -> None:
     """The chain's adaptive-L2 precision λ / N from its ρ and the shared hyperparameters."""
     torch.div(shared.precision(run.inclusion), sampler.dataset_size, out=run.state.prior_precision[: run.num_sites])
     sampler.refresh(run.state)
@@ -456,7 +268,7 @@ def _averaging_weight(k: int, plan: _Plan, em_every: int) -> float:
     return (max(since, 0) + 1) ** -0.7
 
 
-def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float, world: World = SINGLE_PROCESS) -> None:
+def _em_step(sampler: SGHMC, runs: list[Chain], shared: SharedEM, rate: float, world: World = SINGLE_PROCESS) -> None:
     """An E-step of every chain, then one M-step on the chains' pooled statistics (``rate``: ω): over several
     processes, the statistics of their chains are summed by one all-reduce, so all get the same M-step."""
     with torch.no_grad():
@@ -468,22 +280,12 @@ def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float, 
                 run.unit_inclusion.lerp_(unit_gamma, rate)
             run.weight_mean.lerp_(run.weights, rate)
             statistics.append(shared.statistics_of(gamma, run.weights, unit_gamma))
-        pooled = _all_reduced(pool_statistics(statistics), world)
+        pooled = all_reduced(pool_statistics(statistics), world)
         for key, value in shared.statistics.items():
             value.lerp_(pooled[key].to(value), rate)
         shared.hyper.update(shared.map_of(shared.statistics))
         for run in runs:
             _set_precision(sampler, run, shared)
-
-
-def _all_reduced(statistics: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
-    """The statistics summed over the processes: one all-reduce of their concatenation."""
-    if not world.active:
-        return statistics
-    flat = torch.cat([value.reshape(-1) for value in statistics.values()])
-    sum_(flat, world)
-    pieces = flat.split([value.numel() for value in statistics.values()])
-    return {key: piece.view_as(value) for (key, value), piece in zip(statistics.items(), pieces, strict=True)}
 
 
 def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
@@ -503,65 +305,7 @@ def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
         run.inclusion.mul_(state.mask[: run.num_sites])
 
 
-def _unit_scores(units: UnitLayout, run: Chain, keep: torch.Tensor) -> torch.Tensor:
-    """The pruning score of each unit of one chain (U,): ρ_k · rms(w̄ in) · rms(w̄ out), the root mean squares
-    of the averaged weights w̄ over unit k's active incoming weights and its active Bayesian outgoing weights
-    (the readers' columns; 1 where it has none), divided by its mean over the kept units (``keep`` (U,) bool)
-    of the unit's group.
-
-    The division makes layers comparable: weights scale as 1/√fan-in, so raw scores rank the units of wide
-    layers lowest. On digits (mlp 64-64-64-10, 2 seeds, 2 chains) at 75 % unit sparsity the raw score kept
-    23 + 9 units at 92.6 / 92.4 % accuracy, the divided one 17 + 15 at 95.6 / 93.3 %; ρ · rms(w̄ in) alone
-    (no outgoing weights) lost 2–4 points against it at 87.5 % with one hidden layer (91.6 / 93.6 against
-    95.6 / 94.7 %)."""
-    mask = run.state.mask[: run.num_sites]
-    square = run.weight_mean.square() * mask
-    active = mask.to(square.dtype)
-
-    def rms(coordinates: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-        count = units.unit_sum(active, coordinates, unit)
-        mean = units.unit_sum(square, coordinates, unit) / count.clamp(min=1)
-        return torch.where(count > 0, mean.sqrt(), torch.ones_like(mean))
-
-    raw = run.unit_inclusion * rms(units.incoming, units.incoming_unit) * rms(units.outgoing, units.outgoing_unit)
-    group, kept = units.group_index, keep.to(raw.dtype)
-    zeros = torch.zeros(len(units.sizes), dtype=raw.dtype, device=raw.device)
-    mean = zeros.index_add(0, group, raw * kept) / zeros.index_add(0, group, kept).clamp(min=1)
-    return raw / mean.clamp(min=torch.finfo(raw.dtype).tiny)[group]
-
-
-def _prune_units(sampler: SGHMC, runs: list[Chain], shared: _SharedUnitEM, sparsity: float,
-                 world: World = SINGLE_PROCESS) -> None:
-    """Remove, from every chain alike, the units whose ρ_k averaged over all chains is below 1/2, then the
-    kept units of lowest score summed over all chains (``_unit_scores``) until a fraction ``sparsity`` of the
-    units is removed; every group keeps at least its best unit. Over several processes the chains' sums are
-    one all-reduce, so all decide alike."""
-    units, chains = shared.units, shared.config.chains
-    with torch.no_grad():
-        local = {"score": torch.stack([_unit_scores(units, run, shared.unit_keep) for run in runs]).sum(0),
-                 "inclusion": torch.stack([run.unit_inclusion for run in runs]).sum(0)}
-        pooled = _all_reduced(local, world)
-        keep = shared.unit_keep & (pooled["inclusion"] >= 0.5 * chains)
-        removed = int((~keep).sum())
-        remove = int(round(sparsity * units.num_units)) - removed
-        if remove > 0:  # removed units first (score −∞), then the kept ones by increasing score
-            score = torch.where(keep, pooled["score"], torch.full_like(pooled["score"], -math.inf))
-            keep[torch.argsort(score, stable=True)[removed: removed + remove]] = False
-        for group_keep, group_score, before in zip(keep.split(list(units.sizes)), pooled["score"].split(
-                list(units.sizes)), shared.unit_keep.split(list(units.sizes)), strict=True):
-            if not bool(group_keep.any()):  # the group's best unit stays (an empty layer cuts the network)
-                best = torch.where(before, group_score, torch.full_like(group_score, -math.inf)).argmax()
-                group_keep[best] = True
-        if bool(torch.equal(keep, shared.unit_keep)):
-            return
-        shared.unit_keep = keep
-        for run in runs:
-            sampler.prune(run.state, units.keep_positions(keep, run.state.position.numel()))
-            run.inclusion.mul_(run.state.mask[: run.num_sites])
-            run.unit_inclusion.mul_(keep)
-
-
-def _log_prior(prior: Prior | None, run: Chain, shared: _SharedEM | None) -> float:
+def _log_prior(prior: Prior | None, run: Chain, shared: SharedEM | None) -> float:
     """log p(θ) of the chain's active site weights where the sampler's loss leaves it out: the shared
     spike-and-slab (EM) or the model's prior applied as an L2 term (``state.prior_precision``); 0 where
     the loss holds the prior itself. Pruned weights are removed from the model, not held at 0, so they
@@ -580,7 +324,7 @@ def _sparsity(run: Chain) -> float:
     return 1.0 - float(run.state.mask[: run.num_sites].sum()) / run.num_sites if run.num_sites else 0.0
 
 
-def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: _SharedEM | None, k: int,
+def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: SharedEM | None, k: int,
             n: int, seed: int) -> dict[str, float]:
     """The trace record of a chain after step k (``seed``: of the conditional hyperparameter draw)."""
     state = run.state
@@ -594,14 +338,14 @@ def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: _SharedEM |
     return record
 
 
-def _shared_values(shared: _SharedEM) -> dict[str, float]:
+def _shared_values(shared: SharedEM) -> dict[str, float]:
     """π, σ₁ and the mean over weights of σ₀, as floats."""
     return {"inclusion": float(shared.hyper["inclusion"]), "slab_scale": float(shared.hyper["slab_scale"]),
             "spike_scale": float(shared.spike_per_weight.mean())}
 
 
 def _epoch_row(per_chain: list[tuple[float, float, float | None]], epoch: int, seconds: float, nll: float,
-               shared: _SharedEM | None, n: int) -> dict[str, Any]:
+               shared: SharedEM | None, n: int) -> dict[str, Any]:
     """The history row of an epoch (see ``SGHMCResult.history``) from each chain's (log prior of its active
     weights, sparsity, last step size)."""
     log_prior = sum(row[0] for row in per_chain) / len(per_chain)
@@ -647,7 +391,7 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     masks = {name: torch.stack([mask for mask in per_chain]) for name, per_chain in
              _transpose([_split_sites(run.state.mask[:num_sites], site_layout) for run in runs]).items()}
     inclusion = {}
-    unit_masks, unit_inclusion = _unit_result(shared, runs)
+    unit_masks, unit_inclusion = unit_result(shared, runs)
     posterior.unit_masks, posterior.unit_inclusion = unit_masks, unit_inclusion
     if shared is not None:
         inclusion = _split_sites(torch.stack([run.inclusion for run in runs]).mean(0), site_layout)
@@ -658,22 +402,6 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
         for name, value in initial_hyper.items():
             prior.get_buffer(name).copy_(value)
     return SGHMCResult(posterior, traces, inclusion, masks, history, dict(spike_scales), unit_inclusion, unit_masks)
-
-
-def _unit_result(shared: Any, runs: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(group name -> keep mask (size,) of the groups with removed units, group name -> ρ_k (size,) averaged over
-    the chains) of a ``structure="unit"`` run (``shared``: its ``_SharedUnitEM`` or the state it saved); two
-    empty dicts otherwise."""
-    keep = getattr(shared, "unit_keep", None)
-    if keep is None:
-        return {}, {}
-    names, sizes = zip(*shared.unit_groups, strict=True) if hasattr(shared, "unit_groups") else \
-        (shared.units.names, shared.units.sizes)
-    inclusion = torch.stack([run.unit_inclusion for run in runs]).mean(0).cpu()
-    keep = keep.cpu()
-    masks = {name: mask.clone() for name, mask in zip(names, keep.split(list(sizes)), strict=True)
-             if not bool(mask.all())}
-    return masks, {name: part.clone() for name, part in zip(names, inclusion.split(list(sizes)), strict=True)}
 
 
 def _transpose(per_chain: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -701,7 +429,7 @@ class EMState:
     """
 
     chains: list[Chain]
-    shared: _SharedEM | None
+    shared: SharedEM | None
     seed: int
     step: int = 0
 
@@ -796,10 +524,10 @@ class EMSGHMC:
             bad = first_non_finite(shared.hyper)
             if bad is not None:
                 raise Diverged(f"the M-step gave a non-finite {bad}")
-        if k in plan.prune_at and isinstance(shared, _SharedUnitEM):
-            _prune_units(sampler, state.chains, shared, plan.prune_at[k], self.world)
+        if k in plan.prune_at and isinstance(shared, SharedUnitEM):
+            prune_units(sampler, state.chains, shared, plan.prune_at[k], self.world)
         for run in state.chains:
-            if k in plan.prune_at and not isinstance(shared, _SharedUnitEM):
+            if k in plan.prune_at and not isinstance(shared, SharedUnitEM):
                 _prune(sampler, run, plan.prune_at[k])
             if (k + 1) % em_every == 0 or k in plan.keep_at:
                 record = _record(sampler, run, self.target.prior, shared, k, self.dataset_size,
