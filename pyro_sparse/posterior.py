@@ -57,6 +57,9 @@ class Posterior:
         samples: name -> (S, ...) stored draws, chain-major (empty for a guide).
         sample_stats: name -> (chains, draws) per-draw statistics of a sampler ("lp", "sparsity", ...).
         hyperparameters: name -> (chains, draws) prior hyperparameters per draw (EM samplers).
+        unit_masks: unit group name -> bool keep mask (size,) of the groups whose units the draws removed
+            (all draws alike; ``em_sghmc(structure="unit")``): ``sparse.export`` cuts them out.
+        unit_inclusion: unit group name -> (size,) posterior inclusion probability of each unit (EM).
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class Posterior:
         self.samples: dict[str, torch.Tensor] = {}
         self.sample_stats: dict[str, torch.Tensor] = {}
         self.hyperparameters: dict[str, torch.Tensor] = {}
+        self.unit_masks: dict[str, torch.Tensor] = {}
+        self.unit_inclusion: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_guide(cls, model: BayesianNetwork, guide: MeanField) -> Posterior:

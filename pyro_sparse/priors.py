@@ -462,6 +462,75 @@ def em_statistics(inclusion: torch.Tensor, weight: torch.Tensor, groups: torch.T
             "spike_square": zeros.index_add(0, groups, excluded * square)}
 
 
+def log_slab_ratio(weight: torch.Tensor, slab_scale: torch.Tensor, spike_scale: torch.Tensor) -> torch.Tensor:
+    """log N(w; 0, σ₁²) − log N(w; 0, σ₀²) = log(σ₀/σ₁) + w² (σ₀⁻² − σ₁⁻²) / 2, elementwise (σ₀ may be a
+    tensor broadcastable to w)."""
+    return (spike_scale.log() - slab_scale.log()) + 0.5 * weight.square() * (spike_scale.pow(-2) - slab_scale.pow(-2))
+
+
+def group_inclusion_probability(weight: torch.Tensor, group: torch.Tensor, num_groups: int, inclusion: torch.Tensor,
+                                slab_scale: torch.Tensor, spike_scale: torch.Tensor,
+                                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The E-step of a group spike-and-slab (one inclusion variable z_k per group of weights):
+
+        ρ_k = σ(logit π + Σ_{j: group_j = k} [log N(w_j; 0, σ₁²) − log N(w_j; 0, σ₀_j²)]),
+
+    the posterior probability that all of group k's weights came from the slab. With one weight per
+    group it is the per-weight γ(w).
+
+    Args:
+        weight: w (M,); group: (M,) long, the group of each weight, in [0, num_groups);
+        inclusion: π (0-dim); slab_scale: σ₁ (0-dim); spike_scale: σ₀ (0-dim or (M,));
+        mask: (M,) bool or 0/1, the weights that take part (removed ones do not; None: all).
+
+    Returns ρ (num_groups,).
+    """
+    ratio = log_slab_ratio(weight, slab_scale, spike_scale)
+    if mask is not None:
+        ratio = ratio * mask.to(ratio.dtype)
+    total = torch.zeros(num_groups, dtype=ratio.dtype, device=ratio.device).index_add_(0, group, ratio)
+    return torch.sigmoid(total + torch.logit(inclusion))
+
+
+def group_log_prob(weight: torch.Tensor, group: torch.Tensor, num_groups: int, inclusion: torch.Tensor,
+                   slab_scale: torch.Tensor, spike_scale: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """log p(w_k) = log[π Π_j N(w_kj; 0, σ₁²) + (1 − π) Π_j N(w_kj; 0, σ₀_j²)] per group (num_groups,),
+    by logaddexp; arguments as in ``group_inclusion_probability``."""
+    slab, spike = normal_log_prob(weight, slab_scale), normal_log_prob(weight, spike_scale)
+    if mask is not None:
+        slab, spike = slab * mask.to(slab.dtype), spike * mask.to(spike.dtype)
+    zeros = torch.zeros(num_groups, dtype=slab.dtype, device=slab.device)
+    return torch.logaddexp(zeros.index_add(0, group, slab) + inclusion.log(),
+                           zeros.index_add(0, group, spike) + torch.log1p(-inclusion))
+
+
+def group_em_statistics(inclusion: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                        free: torch.Tensor, unit_inclusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sufficient statistics of the M-step when some weights share an inclusion variable per unit.
+
+    Args:
+        inclusion: ρ (W,) per weight: a free weight's own, a unit's weights their unit's ρ_k (0 where removed).
+        weight: w (W,); groups: (W,) the σ₀ group (layer) of each weight, as in ``em_statistics``.
+        free: (W,) bool, the weights with their own inclusion variable (in no unit).
+        unit_inclusion: ρ_k (U,) of the units (0 for removed units).
+
+    Returns ``em_statistics`` of ρ (σ₀ per group from Σ(1 − ρ_i)w_i² as before) with the counts split:
+    "count" p_free and "included" Σ_free ρ_j (π of the free weights), "unit_count" U and "unit_included"
+    Σ_k ρ_k (π_u of the units), "slab_count" Σ_i ρ_i = Σ_free ρ_j + Σ_k ρ_k n_k (σ₁²'s denominator;
+    n_k: unit k's active weights) beside "slab_square" Σ_i ρ_i w_i² = Σ_free ρ_j w_j² + Σ_k ρ_k Σ_j w_kj².
+    Sums over weights and units: the statistics of several chains or ranks add up.
+    """
+    statistics = em_statistics(inclusion, weight, groups, num_groups)
+    free = free.to(weight.dtype)
+    statistics["slab_count"] = statistics["included"]
+    statistics["count"] = free.sum()
+    statistics["included"] = torch.dot(inclusion, free)
+    statistics["unit_count"] = torch.tensor(float(unit_inclusion.numel()), dtype=weight.dtype, device=weight.device)
+    statistics["unit_included"] = unit_inclusion.sum()
+    return statistics
+
+
 def pool_statistics(statistics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The statistics of several chains (or, all-reduced, ranks) together: their sum."""
     return {key: torch.stack([stats[key] for stats in statistics]).sum(0) for key in statistics[0]}
@@ -481,6 +550,12 @@ def map_hyperparameters(
     σ₀²* per group likewise with weights 1 − ρ under ``spike_prior``, or σ₀ = ``spike_scale`` (G,)
     unchanged when it is None. σ₁ is kept above 1.01 max σ₀.
 
+    With a group spike-and-slab (``group_em_statistics``: one inclusion variable per unit of n_k weights,
+    the other weights free): π_u* = (Σ_k ρ_k + a − 1) / (U + a + b − 2) over the U units, π* as above over
+    the free weights, σ₁²* = (Σ_k ρ_k Σ_j w_kj² + Σ_free ρ_j w_j² + 2β) / (Σ_k ρ_k n_k + Σ_free ρ_j + 2α + 2)
+    (one slab for all weights), σ₀²* per group as above with each weight's ρ. With one weight per unit
+    (n_k = 1) these are the per-weight formulas.
+
     Deviation from Deng et al. (2019): they hold σ₀ and σ₁ fixed and adapt only π (and the noise
     variance); we also estimate σ₁² (and optionally σ₀²) by MAP under an inverse-gamma prior, because
     the right slab scale depends on the network and the data and is not known in advance.
@@ -489,12 +564,24 @@ def map_hyperparameters(
     included = statistics["included"]
     pi = ((included + a - 1) / (statistics["count"] + a + b - 2)).clamp(1e-6, 1 - 1e-6)
     alpha, beta = slab_prior
-    slab = ((statistics["slab_square"] + 2 * beta) / (included + 2 * alpha + 2)).sqrt()
+    slab_count = statistics.get("slab_count", included)  # ``group_em_statistics``: Σ_i ρ_i over every weight
+    slab = ((statistics["slab_square"] + 2 * beta) / (slab_count + 2 * alpha + 2)).sqrt()
     spike = spike_scale.to(slab)
     if spike_prior is not None:
         alpha0, beta0 = spike_prior
         spike = ((statistics["spike_square"] + 2 * beta0) / (statistics["spike_count"] + 2 * alpha0 + 2)).sqrt()
-    return {"inclusion": pi, "slab_scale": torch.maximum(slab, spike.max() * 1.01), "spike_scale": spike}
+    new = {"inclusion": pi, "slab_scale": torch.maximum(slab, spike.max() * 1.01), "spike_scale": spike}
+    if "unit_count" in statistics:  # a group spike-and-slab: π_u of the units, π of the free weights
+        new["unit_inclusion"] = _beta_map(statistics["unit_included"], statistics["unit_count"], a, b)
+        new["inclusion"] = _beta_map(included, statistics["count"], a, b)
+    return new
+
+
+def _beta_map(included: torch.Tensor, count: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """(included + a − 1) / (count + a + b − 2) kept inside (0, 1); 1/2 when nothing is counted (0/0)."""
+    denominator = count + a + b - 2
+    value = (included + a - 1) / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, value, torch.full_like(value, 0.5)).clamp(1e-6, 1 - 1e-6)
 
 
 PRIORS = {"gaussian": Gaussian, "spike-slab": SpikeAndSlab, "horseshoe": NodeHorseshoe}

@@ -29,7 +29,7 @@ so the kept draws came from a moving target. Frozen, the draws sample one poster
 weights under the empirical-Bayes prior fitted in burn-in, with a constant mass matrix.
 
 Diagnostics of the hyperparameters: at every record and kept draw, what the chain's own draw says
-about π and σ₁ is recorded besides the shared values (``_SharedEM.implied``): the MAP M-step of that
+about π and σ₁ is recorded besides the shared values (``SharedEM.implied``): the MAP M-step of that
 chain's statistics alone, with γ(w) of the draw under the shared hyperparameters (traces
 "implied_inclusion", "implied_slab_scale"), and a draw from the conditional posterior p(π, σ₁ | w)
 (traces "conditional_inclusion", "conditional_slab_scale"; ``posterior.hyperparameters`` "inclusion"
@@ -52,6 +52,44 @@ Deviation from Ke & Fan (2022) / Deng et al. (2019), who prune by ρ (or |w|) al
 saturates at 1 for every |w| ≫ σ₀, including weights the data do not inform, which wander as far as
 the slab lets them; |w̄| is small for those. Removed weights, their momentum and their noise are
 exactly zero from then on. After burn-in, ``samples`` draws per chain are kept, evenly thinned.
+
+**Unit-level sparsity (``structure="unit"``): a group spike-and-slab.** The incoming weights of each
+removable unit k (a neuron of a Linear, an output channel of a convolution, or channels tied by a residual
+addition: ``units.unit_groups``; n_k active weights w_kj over all of its Bayesian producers) share one
+inclusion variable z_k ~ Bernoulli(π_u): p(w_k) = π_u Π_j N(w_kj; 0, σ₁²) + (1 − π_u) Π_j N(w_kj; 0, σ₀_j²),
+σ₀_j the σ₀ of the weight's layer. The weights in no unit (the output layer, whose outputs are the logits)
+keep the per-weight spike-and-slab with their own π. Then
+
+- E-step: ρ_k = σ(logit π_u + Σ_j [log N(w_kj; 0, σ₁²) − log N(w_kj; 0, σ₀_j²)])
+  (``priors.group_inclusion_probability``), averaged over E-steps as above; every weight of unit k gets
+  the adaptive-L2 precision ρ_k/σ₁² + (1 − ρ_k)/σ₀_j²;
+- M-step (``priors.group_em_statistics``, ``map_hyperparameters``): π_u = (Σ_k ρ_k + a − 1) / (U + a + b − 2)
+  over the U units; π over the free weights as before; one slab,
+  σ₁² = (Σ_k ρ_k Σ_j w_kj² + Σ_free γ_j w_j² + 2β) / (Σ_k ρ_k n_k + Σ_free γ_j + 2α + 2); σ₀² per layer as
+  before, each weight with its ρ. Removed units count as spike (ρ_k = 0, still among the U), as removed
+  weights do. Every statistic is a sum over units and weights, so chains and processes still pool by
+  summing. With one weight per unit (n_k = 1) all of this is the per-weight E- and M-step;
+- pruning: at each event of the ramp (also with ``target_sparsity=0``), the units whose ρ_k averaged over
+  all chains is below 1/2 are removed (the median probability model of Barbieri & Berger, 2004), then
+  the units of lowest score Σ_chains ρ_k · rms(w̄ in) · rms(w̄ out) / (its mean over the layer's kept
+  units) until a fraction ``target_sparsity`` of the units is gone (rms: root mean squares of the
+  averaged incoming weights and of the Bayesian outgoing weights, the readers' columns;
+  ``em_units.unit_scores`` compares it with alternatives); every layer keeps at least one unit. As ρ
+  per weight, ρ_k saturates at 1 for a unit whose weights lie well above σ₀, whether the data need it or
+  not (a 16-unit student of a 3-unit teacher: all 16 ρ_k = 1 after burn-in without the ramp), so the ramp
+  does most of the removing. A removed unit takes its incoming weights, its bias, its BatchNorm γ and β
+  and the readers' columns with it (exactly zero in the sampler from then on, so its output is exactly
+  zero in every draw). Units are removed **alike in every chain** (the decision uses sums over chains):
+  all draws share one smaller architecture, which ``sparse.export`` cuts out (``posterior.unit_masks``).
+  Since ρ is frozen after burn-in, ρ_k averaged over chains is also its mean over the kept draws:
+  ``result.unit_inclusion`` / ``posterior.unit_inclusion`` (0 for removed units).
+
+Deviations from Deng et al. (2019), whose spike-and-slab is per weight: the inclusion variable is per unit
+(a group prior, as in structured spike-and-slab regression), because removing single weights does not make
+a network faster on CPUs or GPUs, and removing units does; and units are removed alike in all chains,
+although the units of different chains are not aligned (a network's units can be permuted): a unit one
+chain uses may go because the others do not, and the pruning ramp, spread over burn-in, lets that chain
+move the work to the units left before any draw is kept.
 
 Step size: ε of ``infer.sghmc`` is in preconditioned units (the drift moves a coordinate by about
 ε per step whatever the scale of the loss; the RMSprop scale √V is set during burn-in), so one default
@@ -125,6 +163,7 @@ def _run(model: BayesianNetwork | Callable, data, config: RunConfig) -> SGHMCRes
         saved = checkpoints.load(checkpoint, map_location=target.device)
         _load_chains(state.chains, saved, checkpoint, config.em, config.chains)
         if state.shared is not None:
+            _check_structure(saved["em"], config.structure, checkpoint)
             state.shared.load_state_dict(saved["em"])
         shuffle.set_state(saved["shuffle_rng"])
         process_rng = saved.get("process_rng") or []
@@ -222,6 +261,15 @@ def _load_chains(runs: list[Chain], saved: dict[str, Any], path: str | os.PathLi
                                         f"the same model, {fix}") from error
 
 
+def _check_structure(saved_em: dict[str, Any], structure: str, path: str | os.PathLike) -> None:
+    """A ``CheckpointError`` unless the checkpoint's EM state is of a run of this ``structure``."""
+    written = "unit" if "unit_keep" in saved_em else "weight"
+    if written != structure:
+        raise CheckpointError(path, f"it was written by a run with structure={written!r}, this one asks for "
+                                    f"structure={structure!r}; resume with structure={written!r}, or start a new "
+                                    "checkpoint")
+
+
 def _layout_difference(saved: tuple, current: tuple) -> str:
     """The first parameter whose name or shape differs between two layouts, in words."""
     for (saved_name, saved_shape), (name, shape) in zip(saved, current, strict=False):
@@ -250,7 +298,8 @@ def restore_result(model: BayesianNetwork, saved: dict[str, Any]) -> SGHMCResult
     num_sites = sum(shape.numel() for _, shape in site_layout)
     runs = [SimpleNamespace(state=SimpleNamespace(layout=chain["state"]["layout"], mask=chain["state"]["mask"]),
                             draws=chain["draws"], stats=chain["stats"], trace=chain["trace"],
-                            inclusion=chain["inclusion"], num_sites=num_sites) for chain in saved["chains"]]
+                            inclusion=chain["inclusion"], unit_inclusion=chain.get("unit_inclusion"),
+                            num_sites=num_sites) for chain in saved["chains"]]
     shared = None
     if saved.get("em"):
         shared = SimpleNamespace(**saved["em"])
@@ -279,6 +328,7 @@ def em_sghmc(
     model: BayesianNetwork | Callable,
     data,
     target_sparsity: float = 0.9,
+    structure: str = "weight",
     chains: int = 2,
     samples: int = 32,
     epochs: int = 10,
@@ -320,7 +370,14 @@ def em_sghmc(
             shuffled by the run's generator), or a ``torch.utils.data.DataLoader`` of (x, y) batches
             (streamed; each chain takes its own pass over the loader per epoch; ``batch_size`` is then
             the loader's; ``batches.LoaderBatches``).
-        target_sparsity: s ∈ [0, 1), the fraction of Bayesian weights removed by the ramp (0: none).
+        target_sparsity: s ∈ [0, 1), the fraction of Bayesian weights removed by the ramp (0: none); with
+            ``structure="unit"``, the fraction of the network's removable units.
+        structure: "weight" (default): one inclusion variable per weight, pruning removes weights;
+            "unit": a group spike-and-slab, one inclusion variable per unit (a neuron of a Linear, a channel
+            of a convolution; ``units.unit_groups``) shared by its incoming weights, the weights in no unit
+            (the output layer) keep their own; pruning removes whole units, the same in every chain, so
+            ``sparse.export`` of the posterior is a smaller dense network (see the module docstring). Needs
+            a BayesianNetwork.
         chains: number of chains (run side by side, step by step, sharing the hyperparameters).
         samples: draws kept per chain after burn-in (evenly thinned).
         epochs: passes over the data per chain; burn_in: how many of them are burn-in (default half):
@@ -361,7 +418,7 @@ def em_sghmc(
     config = RunConfig(True, target_sparsity, chains, samples, epochs, burn_in, batch_size, step_size, friction,
                        temperature, preconditioner, noise, em_every, prune_start, prune_end, prune_steps,
                        beta_prior or (1.0, 1.0), slab_prior or (1.0, 1.0), spike_prior, spike_scale, spike_fraction,
-                       seed, checkpoint, resume, progress, metadata, callback)
+                       seed, checkpoint, resume, progress, metadata, callback, structure)
     return _run(model, data, config)
 
 

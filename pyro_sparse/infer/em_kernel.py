@@ -13,7 +13,8 @@ hyperparameters after burn-in, divergence checks). Here it is split so that any 
 
 ``em_sghmc`` / ``sample_sghmc`` shuffle tensors by epoch, checkpoint and report; another loop may take its
 batches from elsewhere. ``config`` (``RunConfig``) holds every setting; ``kernel.plan`` says at which
-steps E/M-steps, pruning events and kept draws fall.
+steps E/M-steps, pruning events and kept draws fall. The hyperparameters the chains share live in
+``em_shared``; the group spike-and-slab of ``structure="unit"`` and the removal of units in ``em_units``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from typing import Any
 
 import torch
 
-from ..distributed import SINGLE_PROCESS, World, gather_objects, sum_
+from ..distributed import SINGLE_PROCESS, World, gather_objects
 from ..posterior import Posterior
-from ..priors import Prior, SpikeAndSlab, adaptive_precision, em_statistics, map_hyperparameters, pool_statistics
+from ..priors import Prior, SpikeAndSlab, pool_statistics
 from ..validation import check_count, check_fraction, check_number, check_positive
+from .em_shared import SharedEM, all_reduced
+from .em_units import SharedUnitEM, UnitLayout, prune_units, unit_result
 from .sampling_target import NetworkTarget, PyroTarget
 from .sghmc import SGHMC, Schedule, SGHMCState, first_non_finite
 
@@ -46,17 +49,27 @@ class SGHMCResult:
         "step", "step_size", "log_joint" (minibatch estimate of log p(θ, D)), "sparsity", and for
         EM the shared "inclusion" (π), "slab_scale" (σ₁), "spike_scale" (σ₀, the mean over weights
         of the per-layer σ₀) and the chain's own "implied_inclusion", "implied_slab_scale" (M-step
-        of its statistics) and "conditional_inclusion", "conditional_slab_scale" (conditional draws).
+        of its statistics) and "conditional_inclusion", "conditional_slab_scale" (conditional draws); with
+        ``structure="unit"`` also the shared π_u "unit_inclusion", "unit_sparsity" (fraction of the units
+        removed) and the chain's "implied_unit_inclusion", "conditional_unit_inclusion".
     inclusion_probability: site -> ρ averaged over chains (site shape); empty without EM.
     masks: site -> (chains, *site shape) bool, True where the weight is kept.
     history: one dict per epoch: epoch, neg_log_joint (−log p(θ, D) / N at the epoch's end, minibatch
         estimate), nll (mean minibatch NLL per example), log_joint, sparsity, step_size, seconds
-        (sampling time so far) and for EM the shared π, σ₁, σ₀ (mean over weights).
+        (sampling time so far) and for EM the shared π, σ₁, σ₀ (mean over weights); with units also
+        unit_inclusion (π_u) and unit_sparsity.
     spike_scale: site -> its σ₀ (EM; empty without).
+    unit_inclusion (``structure="unit"``): unit group name -> (size,) the posterior inclusion probability of
+        each unit, ρ_k averaged over the chains (ρ is frozen after burn-in, so this is also its mean over
+        the kept draws); 0 for removed units. Empty for ``structure="weight"``.
+    unit_masks (``structure="unit"``): group name -> bool keep mask (size,) of the groups with removed
+        units, the same for every chain and draw; also ``posterior.unit_masks`` (what ``sparse.export``
+        cuts out) beside ``posterior.unit_inclusion``.
 
     For EM, ``posterior.hyperparameters`` holds, per chain and draw, a draw of π and σ₁ from their
     conditional posterior given the draw's weights (diagnostics; see the module docstring), not the
-    shared values (constant after burn-in, in ``traces`` and ``model.prior``).
+    shared values (constant after burn-in, in ``traces`` and ``model.prior``); with ``structure="unit"``
+    also "unit_inclusion" (π_u), and ``posterior.sample_stats`` "unit_sparsity".
     """
 
     posterior: Posterior
@@ -65,6 +78,11 @@ class SGHMCResult:
     masks: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     spike_scale: dict[str, float] = field(default_factory=dict)
+    unit_inclusion: dict[str, torch.Tensor] = field(default_factory=dict)
+    unit_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+STRUCTURES = ("weight", "unit")
 
 
 @dataclass(frozen=True)
@@ -98,9 +116,12 @@ class RunConfig:
     progress: bool | None = None
     metadata: dict[str, Any] | None = None
     callback: Callable[[dict[str, Any]], None] | None = None
+    structure: str = "weight"
 
     def check(self) -> None:
         """A ValueError naming the first impossible setting."""
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {', '.join(map(repr, STRUCTURES))}, got {self.structure!r}")
         check_fraction("target_sparsity", self.target_sparsity)
         for name in ("chains", "samples", "epochs", "batch_size", "em_every", "prune_steps"):
             check_count(name, getattr(self, name))
@@ -131,6 +152,7 @@ class Chain:
         self.state = state
         self.num_sites = num_sites
         self.inclusion: torch.Tensor | None = None
+        self.unit_inclusion: torch.Tensor | None = None  # ρ_k (U,) of the units (structure="unit")
         self.weight_mean = state.position[:num_sites].detach().clone()
         self.draws: list[torch.Tensor] = []
         self.stats: dict[str, list[float]] = {}
@@ -142,90 +164,14 @@ class Chain:
         return self.state.position[: self.num_sites]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state.state_dict(), "inclusion": self.inclusion, "weight_mean": self.weight_mean,
-                "draws": self.draws, "stats": self.stats, "trace": self.trace}
+        return {"state": self.state.state_dict(), "inclusion": self.inclusion, "unit_inclusion": self.unit_inclusion,
+                "weight_mean": self.weight_mean, "draws": self.draws, "stats": self.stats, "trace": self.trace}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.state.load_state_dict(saved["state"])
         self.inclusion, self.weight_mean = saved["inclusion"], saved["weight_mean"]
+        self.unit_inclusion = saved.get("unit_inclusion")
         self.draws, self.stats, self.trace = saved["draws"], saved["stats"], saved["trace"]
-
-
-class _SharedEM:
-    """The hyperparameters all chains share and the averaged sufficient statistics they come from.
-
-    inclusion π, slab_scale σ₁: 0-dim; spike_scale σ₀: (G,) per site; groups: (W,) the site of each
-    weight; statistics: the stochastic-approximation average of the pooled ``em_statistics``.
-    """
-
-    def __init__(self, prior: SpikeAndSlab, spike_scale: torch.Tensor, groups: torch.Tensor, chains: int,
-                 config: RunConfig):
-        self.config = config
-        self.groups = groups
-        self.hyper = {"inclusion": prior.inclusion.detach().clone(), "slab_scale": prior.slab_scale.detach().clone(),
-                      "spike_scale": spike_scale.to(prior.slab_scale)}
-        self.hyper["slab_scale"] = torch.maximum(self.hyper["slab_scale"], spike_scale.max() * 1.01)
-        self.statistics = self._implied_statistics(chains)
-
-    def _implied_statistics(self, chains: int) -> dict[str, torch.Tensor]:
-        """Statistics of ``chains`` chains whose MAP values (flat priors) are the current hyperparameters."""
-        pi, slab, spike = self.hyper["inclusion"], self.hyper["slab_scale"], self.hyper["spike_scale"]
-        sizes = torch.bincount(self.groups, minlength=len(spike)).to(slab) * chains
-        count = sizes.sum()
-        return {"count": count, "included": count * pi, "slab_square": count * pi * slab**2,
-                "spike_count": sizes * (1 - pi), "spike_square": sizes * (1 - pi) * spike**2}
-
-    @property
-    def spike_per_weight(self) -> torch.Tensor:
-        """σ₀ of each site weight (W,)."""
-        return self.hyper["spike_scale"][self.groups]
-
-    def mixture(self):
-        """The spike-and-slab of every site weight under the shared hyperparameters (batch shape (W,))."""
-        from ..distributions import SpikeAndSlabNormal
-
-        return SpikeAndSlabNormal(self.hyper["slab_scale"], self.spike_per_weight, self.hyper["inclusion"])
-
-    def statistics_of(self, inclusion: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return em_statistics(inclusion, weights, self.groups, len(self.hyper["spike_scale"]))
-
-    def map_of(self, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        config = self.config
-        return map_hyperparameters(statistics, self.hyper["spike_scale"], config.beta_prior, config.slab_prior,
-                                   config.spike_prior)
-
-    def precision(self, inclusion: torch.Tensor) -> torch.Tensor:
-        """The adaptive-L2 precision (W,) of a chain with inclusion averages ρ."""
-        return adaptive_precision(inclusion, self.hyper["slab_scale"], self.spike_per_weight)
-
-    def implied(self, weights: torch.Tensor, mask: torch.Tensor, seed: int) -> dict[str, float]:
-        """What one chain's draw says about π and σ₁ on its own (γ = γ(w) under the shared values):
-
-        - "implied_inclusion", "implied_slab_scale": the MAP M-step of the chain's statistics alone;
-        - "conditional_inclusion", "conditional_slab_scale": a draw from their conditional posterior
-          given the weights, z_j ~ Bernoulli(γ_j), π ~ Beta(a + Σz, b + p − Σz),
-          σ₁² ~ InvGamma(α + Σz/2, β + Σz w²/2) (whose mode is the M-step), seeded by ``seed``.
-
-        Removed weights count as spike (γ = z = 0)."""
-        gamma = self.mixture().inclusion_probability(weights) * mask
-        new = self.map_of(self.statistics_of(gamma, weights))
-        (a, b), (alpha, beta) = self.config.beta_prior, self.config.slab_prior
-        with torch.random.fork_rng(devices=[weights.device] if weights.is_cuda else []):
-            torch.manual_seed(seed)
-            z = (torch.rand(gamma.shape, device=gamma.device) < gamma).to(weights.dtype)
-            included, count = z.sum(), float(weights.numel())
-            gamma_draws = torch._standard_gamma(torch.stack([included + a, count - included + b,
-                                                             alpha + included / 2]))
-        pi = gamma_draws[0] / (gamma_draws[0] + gamma_draws[1])
-        slab_variance = (beta + torch.dot(z, weights * weights) / 2) / gamma_draws[2]
-        return {"implied_inclusion": float(new["inclusion"]), "implied_slab_scale": float(new["slab_scale"]),
-                "conditional_inclusion": float(pi), "conditional_slab_scale": float(slab_variance.sqrt())}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"hyper": self.hyper, "statistics": self.statistics}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.hyper, self.statistics = saved["hyper"], saved["statistics"]
 
 
 def site_spike_scales(initial: dict[str, torch.Tensor], prior: SpikeAndSlab, spike_scale: float | str | None,
@@ -268,7 +214,7 @@ def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
     thinning = collect_steps // config.samples
     keep_at = {burn_steps + thinning * (k + 1) - 1 for k in range(config.samples)}
     prune_at = {}
-    if config.em and config.target_sparsity > 0:
+    if config.em and (config.target_sparsity > 0 or config.structure == "unit"):
         for k in range(1, config.prune_steps + 1):
             fraction = config.prune_start + (config.prune_end - config.prune_start) * k / config.prune_steps
             sparsity = config.target_sparsity * (1 - (1 - k / config.prune_steps) ** 3)
@@ -277,22 +223,29 @@ def _plan(config: RunConfig, steps_per_epoch: int, burn_in: int) -> _Plan:
 
 
 def _start_em(sampler: SGHMC, runs: list[Chain], site_layout: list, spike_scales: dict[str, float],
-              prior: SpikeAndSlab, config: RunConfig) -> _SharedEM:
-    """The shared EM state from the prior and the per-site σ₀; each chain's ρ = γ(its initial weights)
-    and its adaptive-L2 precision."""
+              prior: SpikeAndSlab, config: RunConfig, units: UnitLayout | None = None) -> SharedEM:
+    """The shared EM state from the prior and the per-site σ₀ (with ``units``: a group spike-and-slab over
+    them); each chain's ρ = γ(its initial weights) and its adaptive-L2 precision."""
     device = runs[0].state.position.device
     sizes = torch.tensor([shape.numel() for _, shape in site_layout], device=device)
     groups = torch.repeat_interleave(torch.arange(len(site_layout), device=device), sizes)
     spike = torch.tensor([spike_scales[name] for name, _ in site_layout], device=device)
-    shared = _SharedEM(prior, spike, groups, config.chains, config)
+    if units is None:
+        shared = SharedEM(prior, spike, groups, config.chains, config)
+    else:
+        shared = SharedUnitEM(prior, spike, groups, config.chains, config, units)
     for run in runs:
-        run.inclusion = shared.mixture().inclusion_probability(run.weights).detach()
+        if units is None:
+            run.inclusion = shared.mixture().inclusion_probability(run.weights).detach()
+        else:
+            run.inclusion, run.unit_inclusion = shared.responsibilities(run.weights.detach(),
+                                                                        run.state.mask[: run.num_sites])
         run.state.prior_precision = sampler.site_vector(run.state, 0.0)
         _set_precision(sampler, run, shared)
     return shared
 
 
-def _set_precision(sampler: SGHMC, run: Chain, shared: _SharedEM) -> None:
+def _set_precision(sampler: SGHMC, run: Chain, shared: SharedEM) -> None:
     """The chain's adaptive-L2 precision λ / N from its ρ and the shared hyperparameters."""
     torch.div(shared.precision(run.inclusion), sampler.dataset_size, out=run.state.prior_precision[: run.num_sites])
     sampler.refresh(run.state)
@@ -315,33 +268,24 @@ def _averaging_weight(k: int, plan: _Plan, em_every: int) -> float:
     return (max(since, 0) + 1) ** -0.7
 
 
-def _em_step(sampler: SGHMC, runs: list[Chain], shared: _SharedEM, rate: float, world: World = SINGLE_PROCESS) -> None:
+def _em_step(sampler: SGHMC, runs: list[Chain], shared: SharedEM, rate: float, world: World = SINGLE_PROCESS) -> None:
     """An E-step of every chain, then one M-step on the chains' pooled statistics (``rate``: ω): over several
     processes, the statistics of their chains are summed by one all-reduce, so all get the same M-step."""
     with torch.no_grad():
-        mixture = shared.mixture()
         statistics = []
         for run in runs:
-            gamma = mixture.inclusion_probability(run.weights).mul_(run.state.mask[: run.num_sites])
+            gamma, unit_gamma = shared.responsibilities(run.weights, run.state.mask[: run.num_sites])
             run.inclusion.lerp_(gamma, rate)
+            if unit_gamma is not None:
+                run.unit_inclusion.lerp_(unit_gamma, rate)
             run.weight_mean.lerp_(run.weights, rate)
-            statistics.append(shared.statistics_of(gamma, run.weights))
-        pooled = _all_reduced(pool_statistics(statistics), world)
+            statistics.append(shared.statistics_of(gamma, run.weights, unit_gamma))
+        pooled = all_reduced(pool_statistics(statistics), world)
         for key, value in shared.statistics.items():
             value.lerp_(pooled[key].to(value), rate)
         shared.hyper.update(shared.map_of(shared.statistics))
         for run in runs:
             _set_precision(sampler, run, shared)
-
-
-def _all_reduced(statistics: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
-    """The statistics summed over the processes: one all-reduce of their concatenation."""
-    if not world.active:
-        return statistics
-    flat = torch.cat([value.reshape(-1) for value in statistics.values()])
-    sum_(flat, world)
-    pieces = flat.split([value.numel() for value in statistics.values()])
-    return {key: piece.view_as(value) for (key, value), piece in zip(statistics.items(), pieces, strict=True)}
 
 
 def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
@@ -361,7 +305,7 @@ def _prune(sampler: SGHMC, run: Chain, sparsity: float) -> None:
         run.inclusion.mul_(state.mask[: run.num_sites])
 
 
-def _log_prior(prior: Prior | None, run: Chain, shared: _SharedEM | None) -> float:
+def _log_prior(prior: Prior | None, run: Chain, shared: SharedEM | None) -> float:
     """log p(θ) of the chain's active site weights where the sampler's loss leaves it out: the shared
     spike-and-slab (EM) or the model's prior applied as an L2 term (``state.prior_precision``); 0 where
     the loss holds the prior itself. Pruned weights are removed from the model, not held at 0, so they
@@ -369,8 +313,10 @@ def _log_prior(prior: Prior | None, run: Chain, shared: _SharedEM | None) -> flo
     if shared is None and run.state.prior_precision is None:
         return 0.0
     with torch.no_grad():
-        log_prob = (prior if shared is None else shared.mixture()).log_prob(run.weights)
-        return float(log_prob[run.state.mask[: run.num_sites]].sum())
+        mask = run.state.mask[: run.num_sites]
+        if shared is not None:
+            return float(shared.log_prior(run.weights, mask))
+        return float(prior.log_prob(run.weights)[mask].sum())
 
 
 def _sparsity(run: Chain) -> float:
@@ -378,7 +324,7 @@ def _sparsity(run: Chain) -> float:
     return 1.0 - float(run.state.mask[: run.num_sites].sum()) / run.num_sites if run.num_sites else 0.0
 
 
-def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: _SharedEM | None, k: int,
+def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: SharedEM | None, k: int,
             n: int, seed: int) -> dict[str, float]:
     """The trace record of a chain after step k (``seed``: of the conditional hyperparameter draw)."""
     state = run.state
@@ -386,19 +332,20 @@ def _record(sampler: SGHMC, run: Chain, prior: Prior | None, shared: _SharedEM |
               "log_joint": -n * float(state.loss) + _log_prior(prior, run, shared), "sparsity": _sparsity(run)}
     if shared is not None:
         record.update(_shared_values(shared))
+        record.update(shared.unit_values())
         with torch.no_grad():
             record.update(shared.implied(run.weights, state.mask[: run.num_sites], seed))
     return record
 
 
-def _shared_values(shared: _SharedEM) -> dict[str, float]:
+def _shared_values(shared: SharedEM) -> dict[str, float]:
     """π, σ₁ and the mean over weights of σ₀, as floats."""
     return {"inclusion": float(shared.hyper["inclusion"]), "slab_scale": float(shared.hyper["slab_scale"]),
             "spike_scale": float(shared.spike_per_weight.mean())}
 
 
 def _epoch_row(per_chain: list[tuple[float, float, float | None]], epoch: int, seconds: float, nll: float,
-               shared: _SharedEM | None, n: int) -> dict[str, Any]:
+               shared: SharedEM | None, n: int) -> dict[str, Any]:
     """The history row of an epoch (see ``SGHMCResult.history``) from each chain's (log prior of its active
     weights, sparsity, last step size)."""
     log_prior = sum(row[0] for row in per_chain) / len(per_chain)
@@ -407,6 +354,7 @@ def _epoch_row(per_chain: list[tuple[float, float, float | None]], epoch: int, s
            "seconds": seconds}
     if shared is not None:
         row.update(_shared_values(shared))
+        row.update(shared.unit_values())
     return row
 
 
@@ -431,7 +379,10 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     if shared is not None:  # per chain and draw, what the draw implies (the shared values are constant)
         hyperparameters = {"inclusion": stats.pop("conditional_inclusion"),
                            "slab_scale": stats.pop("conditional_slab_scale")}
-    for key in ("step", "inclusion", "slab_scale", "spike_scale", "implied_inclusion", "implied_slab_scale"):
+    if "conditional_unit_inclusion" in stats:
+        hyperparameters["unit_inclusion"] = stats.pop("conditional_unit_inclusion")
+    for key in ("step", "inclusion", "slab_scale", "spike_scale", "implied_inclusion", "implied_slab_scale",
+                "unit_inclusion", "implied_unit_inclusion"):
         stats.pop(key, None)
     sample_stats = {"lp": stats.pop("log_joint"), **stats}
     posterior = make_posterior(samples, len(runs), sample_stats=sample_stats, hyperparameters=hyperparameters)
@@ -440,6 +391,8 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     masks = {name: torch.stack([mask for mask in per_chain]) for name, per_chain in
              _transpose([_split_sites(run.state.mask[:num_sites], site_layout) for run in runs]).items()}
     inclusion = {}
+    unit_masks, unit_inclusion = unit_result(shared, runs)
+    posterior.unit_masks, posterior.unit_inclusion = unit_masks, unit_inclusion
     if shared is not None:
         inclusion = _split_sites(torch.stack([run.inclusion for run in runs]).mean(0), site_layout)
         with torch.no_grad():  # the model's prior: the shared hyperparameters (σ₀: its mean over weights)
@@ -448,7 +401,7 @@ def sghmc_result(make_posterior, prior, runs, site_layout, shared, initial_hyper
     else:
         for name, value in initial_hyper.items():
             prior.get_buffer(name).copy_(value)
-    return SGHMCResult(posterior, traces, inclusion, masks, history, dict(spike_scales))
+    return SGHMCResult(posterior, traces, inclusion, masks, history, dict(spike_scales), unit_inclusion, unit_masks)
 
 
 def _transpose(per_chain: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -476,7 +429,7 @@ class EMState:
     """
 
     chains: list[Chain]
-    shared: _SharedEM | None
+    shared: SharedEM | None
     seed: int
     step: int = 0
 
@@ -503,6 +456,9 @@ class EMSGHMC:
     def __init__(self, target: NetworkTarget | PyroTarget, config: RunConfig, dataset_size: int,
                  steps_per_epoch: int | None = None, world: World = SINGLE_PROCESS):
         config.check()
+        if config.structure == "unit" and not isinstance(target, NetworkTarget):
+            raise ValueError("structure='unit' needs a ps.BayesianNetwork (its units are found by tracing the "
+                             "network): for a Pyro model use structure='weight'")
         if config.chains < world.size:
             raise ValueError(f"chains={config.chains} cannot be spread over {world.size} processes: give at least "
                              f"one chain per process")
@@ -538,7 +494,8 @@ class EMSGHMC:
             spike_scale = target.default_spike_scale if config.spike_scale == "auto" else config.spike_scale
             self.spike_scales = site_spike_scales(target.initial_site_values(), target.prior, spike_scale,
                                                   config.spike_fraction)
-            shared = _start_em(self.sampler, runs, self.site_layout, self.spike_scales, target.prior, config)
+            units = target.unit_layout(runs[0].state.layout) if config.structure == "unit" else None
+            shared = _start_em(self.sampler, runs, self.site_layout, self.spike_scales, target.prior, config, units)
         return EMState(runs, shared, seed)
 
     def step(self, state: EMState, batches: list[Any]) -> EMState:
@@ -567,8 +524,10 @@ class EMSGHMC:
             bad = first_non_finite(shared.hyper)
             if bad is not None:
                 raise Diverged(f"the M-step gave a non-finite {bad}")
+        if k in plan.prune_at and isinstance(shared, SharedUnitEM):
+            prune_units(sampler, state.chains, shared, plan.prune_at[k], self.world)
         for run in state.chains:
-            if k in plan.prune_at:
+            if k in plan.prune_at and not isinstance(shared, SharedUnitEM):
                 _prune(sampler, run, plan.prune_at[k])
             if (k + 1) % em_every == 0 or k in plan.keep_at:
                 record = _record(sampler, run, self.target.prior, shared, k, self.dataset_size,
@@ -603,7 +562,8 @@ class EMSGHMC:
             saved = _moved(saved, device)
             chains.append(SimpleNamespace(
                 index=saved["index"], num_sites=saved["num_sites"], draws=saved["draws"], stats=saved["stats"],
-                trace=saved["trace"], inclusion=saved["inclusion"], saved=saved,
+                trace=saved["trace"], inclusion=saved["inclusion"], unit_inclusion=saved.get("unit_inclusion"),
+                saved=saved,
                 state=SimpleNamespace(layout=saved["state"]["layout"], mask=saved["state"]["mask"],
                                       position=saved["state"]["position"],
                                       prior_precision=saved["state"]["prior_precision"])))

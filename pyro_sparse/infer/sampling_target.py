@@ -29,6 +29,7 @@ from ..posterior import Posterior
 from ..priors import Prior, SpikeAndSlab
 from ..pyro_model import PyroPotential, spike_and_slab_sources
 from ..pyro_posterior import PyroPosterior
+from .em_units import UnitLayout, unit_layout
 from .sghmc import SGHMC, network_parameters, sghmc
 
 
@@ -83,6 +84,10 @@ class NetworkTarget:
 
     def posterior(self, samples: dict[str, torch.Tensor], chains: int, **kwargs: Any) -> Posterior:
         return Posterior.from_samples(self.model, samples, chains=chains, **kwargs)
+
+    def unit_layout(self, layout: tuple[tuple[str, torch.Size], ...]) -> UnitLayout:
+        """The network's removable units in a chain's flat vector of ``layout`` (``em_units.unit_layout``)."""
+        return unit_layout(self.model, layout, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return self.model.state_dict()
