@@ -28,7 +28,7 @@ from .data import as_tensors
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-HYPERPARAMETERS = ("inclusion", "slab_scale", "spike_scale")
+HYPERPARAMETERS = ("inclusion", "slab_scale", "spike_scale", "unit_inclusion")
 
 
 def import_arviz():

@@ -338,3 +338,18 @@ def test_cli_horseshoe_prunes_units_by_posterior_scale(tmp_path, capsys):
     assert record["accuracy"] > 0.85
     assert cli.main(["train", "--method", "em-sghmc", "--prior", "horseshoe", "--out", str(tmp_path / "em")]) == 2
     assert "--method em-sghmc needs --prior spike-slab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ssvi", "em-sghmc"])
+def test_cli_unit_runs_of_ssvi_and_em_sghmc_export_fewer_units(tmp_path, method):
+    import json
+
+    from pyro_sparse import cli
+
+    density = ["--density", "0.5"] if method == "ssvi" else []
+    assert cli.main(["train", "--method", method, "--structure", "unit", "--epochs", "4", "--samples", "4",
+                     *density, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["structure"] == "unit" and record["units_total"] == 100
+    assert record["units_active"] == (50 if method == "ssvi" else 25)
+    assert record["export_bytes"] < 0.6 * record["dense_export_bytes"] and record["accuracy"] > 0.8
