@@ -1,8 +1,8 @@
 """``--method ssvi``: sparse-subspace VI (``guides.SparseSubspace``), sparse for the whole of training.
 
-Options: ``--density`` (default 0.1) and ``--update-every`` (default 100 steps); ``--structure unit`` keeps
-that fraction of the units (neurons, channels) of every removable layer active instead of weights, and trains
-the smaller network of the active units (``infer.compact``). Besides the common
+Options: ``--density`` (default 0.1; 0.25 with ``--structure unit``) and ``--update-every`` (default 100
+steps); ``--structure unit`` keeps that fraction of the units (neurons, channels) of every removable layer
+active instead of weights, and trains the smaller network of the active units (``infer.compact``). Besides the common
 metrics, metrics.json gets ``density``, ``train_flops_dense_vi`` (the same run with every weight
 active), ``support_updates`` (how many times the support moved), ``support_changes`` (weights moved
 in all), ``trainable_bytes`` (parameters + Adam state) and ``trainable_bytes_dense`` (the same for
@@ -33,18 +33,21 @@ DEFAULT_LR = 5e-3  # Adam's learning rate
 OPTIONS: frozenset[str] = frozenset({"density", "update_every", "kl_weight", "warmup_epochs", "precision",
                                      "structure"})
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset({"epochs", "lr", "kl_weight"})
-DEFAULT_DENSITY = 0.1
+DEFAULT_DENSITY = {"weight": 0.1, "unit": 0.25}
+"""--density when not given: 10 % of the weights; with --structure unit 25 % of the units of every removable layer
+(the 75 % unit sparsity that SNR and EM-SGHMC default to)."""
 DEFAULT_UPDATE_EVERY = 100
 
 
 def make_guide(config: dict[str, Any], model: BayesianNetwork) -> SparseSubspace:
     density = config.get("density")
     update_every = config.get("update_every")
+    structure = config.get("structure") or "weight"
     return SparseSubspace(
         model,
-        density=DEFAULT_DENSITY if density is None else density,
+        density=DEFAULT_DENSITY[structure] if density is None else density,
         update_every=DEFAULT_UPDATE_EVERY if update_every is None else update_every,
-        structure=config.get("structure") or "weight",
+        structure=structure,
     )
 
 
