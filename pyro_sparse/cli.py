@@ -159,9 +159,12 @@ def unit_report(model: BayesianNetwork, posterior: Posterior, x: torch.Tensor) -
     """``units_total`` / ``units_active`` (neurons and channels of the layers whose units can be removed,
     ``pyro_sparse.units``) and ``export_speedup_batch_<B>``: how many times faster the exported
     posterior-mean network (``sparse.export``) runs than the dense network at batch B, timed side by
-    side now, on this machine (``sparse.speedups``)."""
+    side now, on this machine and the run's device (``sparse.speedups``); null when nothing is pruned
+    (the export is then the dense network)."""
     total, active = sparse.unit_counts(model, posterior)
-    ratios = sparse.speedups(model, posterior, x[:256].cpu(), SPEEDUP_BATCH_SIZES)
+    pruned = active < total or sum(posterior.active_counts().values()) < model.num_weights
+    ratios = (sparse.speedups(model, posterior, x[:256], SPEEDUP_BATCH_SIZES) if pruned
+              else dict.fromkeys(SPEEDUP_BATCH_SIZES))
     return {"units_total": total, "units_active": active,
             **{f"export_speedup_batch_{size}": ratio for size, ratio in ratios.items()}}
 
@@ -472,7 +475,7 @@ def demo(out: str, epochs: int) -> list[dict[str, Any]]:
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
     widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

@@ -351,33 +351,40 @@ def speedups(model: BayesianNetwork, posterior: MeanField | Posterior, example: 
              seconds: float = 0.3) -> dict[int, float]:
     """How many times faster ``export(model, posterior)`` runs than the dense network, per batch size.
 
-    Timed side by side on this machine: interleaved rounds, each one forward pass (no grad) of each
-    network on the same batch, the ratio of the median times; at least ``rounds`` rounds, more for
-    fast passes (until each network has run about ``seconds``, at most 1,000 rounds), so that the
-    median of a microsecond-scale pass at batch 1 is not one scheduler hiccup. Args: ``example``
-    (N, ...) inputs, repeated to fill a batch; ``exported``: the exported network (default
-    ``export(model, posterior, batch_size=max(batch_sizes))``). Returns batch size -> dense time /
-    exported time.
+    Timed side by side on this machine, on the model's device (CUDA work synchronised around every
+    pass): interleaved rounds, each one forward pass (no grad) of each network on the same batch, the
+    ratio of the median times. ``rounds`` rounds, more for fast passes (until each network has run
+    about ``seconds``, at most 1,000 rounds, so that the median of a microsecond-scale pass at batch 1
+    is not one scheduler hiccup) and only 3 for passes slower than 50 ms (a large network at batch
+    1024 on a CPU). Args: ``example`` (N, ...) inputs, repeated to fill a batch; ``exported``: the
+    exported network (default ``export(model, posterior, batch_size=max(batch_sizes))``). Returns batch
+    size -> dense time / exported time.
     """
     rounds = check_count("rounds", rounds)
     dense = dense_network(model, posterior)
     small = exported if exported is not None else export(model, posterior, batch_size=max(batch_sizes))
+    device = next(iter(dense.parameters()), example).device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(net: nn.Module, batch: torch.Tensor) -> float:
+        synchronize()
+        started = time.perf_counter()
+        net(batch)
+        synchronize()
+        return time.perf_counter() - started
+
     ratios = {}
     with torch.no_grad():
         for size in batch_sizes:
             repeats = -(-size // len(example))
-            batch = example.repeat(repeats, *([1] * (example.dim() - 1)))[:size].contiguous()
-            started = time.perf_counter()
-            for net in (dense, small):  # warm up (caches, allocator) and size the number of rounds
-                net(batch)
-            once = (time.perf_counter() - started) / 2
-            count = max(rounds, min(1000, int(seconds / max(once, 1e-6))))
+            batch = example.repeat(repeats, *([1] * (example.dim() - 1)))[:size].contiguous().to(device)
+            once = (timed(dense, batch) + timed(small, batch)) / 2  # also the warm-up (caches, allocator)
+            least = rounds if once < 0.05 else 3
+            count = min(1000, max(least, int(seconds / max(once, 1e-6))))
             times: dict[str, list[float]] = {"dense": [], "exported": []}
             for _ in range(count):
-                for label, net in (("dense", dense), ("exported", small)):
-                    started = time.perf_counter()
-                    net(batch)
-                    times[label].append(time.perf_counter() - started)
+                times["dense"].append(timed(dense, batch))
+                times["exported"].append(timed(small, batch))
             ratios[size] = statistics.median(times["dense"]) / statistics.median(times["exported"])
     return ratios
 

@@ -12,8 +12,11 @@ of a convolution (a slice of its weight along dim 0). Removing unit k of a layer
 
 and leaves a smaller *dense* network that computes exactly the same function: the unit's output is
 exactly zero (weights and bias zero, BatchNorm γ = β = 0), every operation between it and its
-readers maps zero to zero (ReLU, GELU, tanh, pooling, dropout, flatten), so its readers' inputs
-from it are zero and their weights on it can go.
+readers maps zero to zero (ReLU, GELU, tanh, pooling, dropout, flatten), and its readers' weights
+on it are zero too, so nothing reads it and its weights can go. (During training, a Linear layer
+with local reparameterization adds noise of standard deviation √(x²σ² + 1e-16) ≈ 1e-8 to a removed
+unit's zero pre-activation, for finite gradients; its readers' weights on it are zero, so nothing
+downstream sees it.)
 
 ``unit_groups(net)`` finds the units of a network by tracing it with ``torch.fx``: a *group* is a
 set of channels that must be removed together, the output channels of one layer, or of several
@@ -48,14 +51,14 @@ _LINEAR, _CONV = "linear", "conv"
 
 # Modules that map 0 to 0 channel by channel and keep the channel dimension where it is
 _ZERO_PRESERVING_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish,
-    nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardswish,
+    nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
 _ZERO_PRESERVING_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, torch.tanh, F.tanh, F.hardtanh,
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, torch.tanh, F.tanh,
     F.hardswish, F.dropout, F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
     F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d,
@@ -228,7 +231,8 @@ class _Analysis:
             if path not in group.norms:
                 group.norms.append(path)
             return first
-        if isinstance(module, _ZERO_PRESERVING_MODULES):
+        if isinstance(module, _ZERO_PRESERVING_MODULES) or (
+                isinstance(module, nn.Hardtanh) and module.min_val <= 0 <= module.max_val):  # ReLU6 is one
             return first
         if isinstance(module, nn.Flatten):
             return self.flatten(first, module.start_dim, module.end_dim, path)
@@ -414,21 +418,23 @@ def parameter_masks(net: nn.Module, groups: Mapping[str, UnitGroup], keep: Mappi
 def zeroed_parameters(net: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str, torch.Tensor],
                       skip: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Parameter path -> the parameter times the keep mask, for every bias, BatchNorm γ / β and
-    (unless in ``skip``) producer weight of the removed units: substituted in a forward pass, they
-    make every removed unit's output exactly zero (with zero gradient to the removed entries)."""
-    values = {}
-    for name, mask in keep.items():
+    (unless in ``skip``) producer weight of the removed units, and (unless in ``skip``) the readers'
+    weight columns / input channels of them: substituted in a forward pass, they make every removed
+    unit's output exactly zero and nothing read from it (with zero gradient to the removed entries).
+    ``skip``: the Bayesian parameters, which the guide masks."""
+    paths = {}
+    for name in keep:
         group = groups[name]
         for path in (*group.producers, *group.norms):
-            module = net.get_submodule(path)
             for attribute in ("weight", "bias"):
-                key = f"{path}.{attribute}" if path else attribute
-                tensor = getattr(module, attribute, None)
-                if tensor is None or key in skip:
-                    continue
-                shaped = mask.to(tensor.dtype).to(tensor.device).view((-1,) + (1,) * (tensor.dim() - 1))
-                values[key] = tensor * shaped
-    return values
+                paths[f"{path}.{attribute}" if path else attribute] = (path, attribute)
+        for reader in group.readers:
+            paths[f"{reader.module_path}.weight" if reader.module_path else "weight"] = (reader.module_path, "weight")
+    paths = {key: slot for key, slot in paths.items() if key not in skip
+             and getattr(net.get_submodule(slot[0]), slot[1], None) is not None}
+    masks = parameter_masks(net, groups, keep, paths)
+    return {key: getattr(net.get_submodule(paths[key][0]), paths[key][1]) * mask.to(
+        getattr(net.get_submodule(paths[key][0]), paths[key][1]).dtype) for key, mask in masks.items()}
 
 
 # ----------------------------------------------------------------------------------------------

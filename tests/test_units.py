@@ -353,3 +353,40 @@ def test_cli_unit_runs_of_ssvi_and_em_sghmc_export_fewer_units(tmp_path, method)
     assert record["structure"] == "unit" and record["units_total"] == 100
     assert record["units_active"] == (50 if method == "ssvi" else 25)
     assert record["export_bytes"] < 0.6 * record["dense_export_bytes"] and record["accuracy"] > 0.8
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge cases found in review
+# ----------------------------------------------------------------------------------------------
+def test_an_activation_that_moves_zero_leaves_its_units_alone():
+    relu6 = nn.Sequential(nn.Linear(4, 5), nn.ReLU6(), nn.Linear(5, 2))
+    shifted = nn.Sequential(nn.Linear(4, 5), nn.Hardtanh(0.1, 1.0), nn.Linear(5, 2))  # maps 0 to 0.1
+    assert list(unit_groups(relu6)) == ["0"] and unit_groups(shifted) == {}
+    assert unit_groups(nn.Sequential(nn.Linear(4, 5), nn.AlphaDropout(0.1), nn.Linear(5, 2))) == {}
+
+
+def test_unit_ssvi_leaves_deterministic_groups_and_groups_of_dense_layers_whole():
+    model = ps.BayesianNetwork(ps.nets.mlp(12, (10, 8), 3), dataset_size=40, exclude=["1.weight", "1.bias"])
+    guide = ps.guides.SparseSubspace(model, density=0.5, structure="unit", dense_layers=(), update_every=2)
+    assert set(guide.unit_masks()) == {"3"}  # group "1" has no Bayesian producer: no posterior to rank it by
+    x, y = torch.randn(40, 12), torch.randint(0, 3, (40,))
+    ps.fit(model, guide, (x, y), epochs=3, batch_size=8, progress=False)  # support moves without a KeyError
+    assert guide.update_log and guide.unit_counts() == (18, 14)
+    dense_output = ps.guides.SparseSubspace(ps.BayesianNetwork(ps.nets.mlp(12, (10, 8), 3), dataset_size=40),
+                                            density=0.5, structure="unit", dense_layers=("5.weight",))
+    assert set(dense_output.unit_masks()) == {"1"} and bool(dense_output.site("5.weight").mask.all())
+
+
+def test_grown_units_of_a_horseshoe_network_start_on_the_scale_of_the_initial_ones():
+    model = ps.BayesianNetwork(ps.nets.mlp(50, (40, 30), 3), prior=ps.priors.NodeHorseshoe(), dataset_size=40)
+    guide = ps.guides.SparseSubspace(model, density=0.5, structure="unit", dense_layers=())
+    keep = guide.unit_keep_mask("1")
+    added, removed = (~keep).nonzero().squeeze(1)[:3], keep.nonzero().squeeze(1)[:3]
+    moved = keep.clone()
+    moved[added], moved[removed] = True, False
+    mask = weight_masks(model.net, model.unit_groups(), {"1": moved, "3": guide.unit_keep_mask("3")},
+                        {"1.weight": "1"})["1.weight"]
+    grown = guide.grow_values("1.weight", mask, {"1": added})[added]
+    kept = guide.site("1.weight").variational()[0][keep.nonzero().squeeze(1)[-1]].detach()
+    ratio = grown.pow(2).mean().sqrt() / kept.pow(2).mean().sqrt()  # β of both: w / τ̃, not w
+    assert 0.5 < float(ratio) < 2.0

@@ -493,8 +493,10 @@ class MeanField(nn.Module):
         return groups
 
     def unit_masks(self) -> dict[str, torch.Tensor]:
-        """Unit group name -> bool keep mask (size,), for the groups with at least one removed unit."""
-        return {name: mask for name, mask in self.unit_keep.items() if not bool(mask.all())}
+        """Unit group name -> bool keep mask (size,), for the groups with at least one removed unit (on the
+        guide's device, also after loading a state dict saved on another)."""
+        device = self.unit_keep_device()
+        return {name: mask.to(device) for name, mask in self.unit_keep.items() if not bool(mask.all())}
 
     @torch.no_grad()
     def set_unit_mask(self, name: str, keep: torch.Tensor) -> None:
@@ -533,7 +535,7 @@ class MeanField(nn.Module):
         """The bool keep mask (size,) of unit group ``name`` (all True when none of its units is removed)."""
         for group_name, mask in self.unit_keep.items():
             if group_name == name:
-                return mask
+                return mask.to(self.unit_keep_device())
         return torch.ones(self.unit_groups()[name].size, dtype=torch.bool, device=self.unit_keep_device())
 
     def unit_counts(self) -> tuple[int, int]:

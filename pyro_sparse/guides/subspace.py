@@ -444,7 +444,8 @@ class SparseSubspace(MeanField):
                 if reader.module_path == info.module_path:
                     columns[reader_columns(reader, len(columns), group.size, units.to(mask.device))] = True
         factor = fan_in_factor(mask) if self.rescale_init else 1.0
-        initial = model.initial_value(site_name).to(mask.device) * factor
+        # the site's own starting value: the network's weight, or β = w / τ̃ under a NodeHorseshoe
+        initial = model.latent_sites()[1][site_name].to(mask.device) * factor
         view = (-1,) + (1,) * (len(shape) - 1)
         keep_columns = (~columns).view((1, -1) + (1,) * (len(shape) - 2)) if len(shape) > 1 else True
         return initial * rows.view(view) * keep_columns
@@ -553,8 +554,9 @@ def _check_structure(model: Any, structure: str, removal: str, growth: str | Non
 
 def _initial_unit_keep(model: BayesianNetwork, sites: Mapping[str, Any], dense: set[str],
                        density: float) -> dict[str, torch.Tensor]:
-    """The initial active units of ``structure="unit"``: group name -> bool (size,) of the groups whose
-    producers are not in ``dense`` (a dense layer keeps all its units, e.g. the first convolution)."""
+    """The initial active units of ``structure="unit"``: group name -> bool (size,) of the groups with a
+    Bayesian producer that no layer of ``dense`` writes or reads (a dense layer keeps all its weights: all
+    units of the first convolution, all inputs of a dense output layer)."""
     groups = model.unit_groups()
     if not groups:
         raise ValueError("structure='unit': the network has no removable units (every layer's output reaches the "
@@ -568,7 +570,14 @@ def _initial_unit_keep(model: BayesianNetwork, sites: Mapping[str, Any], dense: 
                              f"only; {sorted(touched & paths)[0]} has another Bayesian parameter (use the default "
                              "include, or structure='weight')")
     dense_paths = {sites[name].module_path for name in dense}
-    sparse = {name: group for name, group in groups.items() if not set(group.producers) & dense_paths}
+    bayesian_paths = {site.module_path for site in sites.values()}
+    sparse = {}
+    for name, group in groups.items():
+        if not set(group.producers) & bayesian_paths:
+            continue  # written by deterministic layers only: no posterior to score its units by, left whole
+        if set(group.producers) & dense_paths or {reader.module_path for reader in group.readers} & dense_paths:
+            continue  # a dense layer keeps all its weights: all the units it writes and all it reads
+        sparse[name] = group
     return initial_keep(sparse, density)
 
 

@@ -48,11 +48,13 @@ def unit_scores(guide: MeanField, score: str = "energy") -> dict[str, torch.Tens
                 bottom = active.sum(1)
             else:
                 top = (loc * loc).sum(1)
-                bottom = (scale * scale).sum(1) if score == "energy" else torch.ones_like(top)
+                bottom = (scale * scale).sum(1) if score == "energy" else None  # magnitude: no denominator
             numerator = top if numerator is None else numerator + top
-            denominator = bottom if denominator is None else denominator + bottom
+            if bottom is not None:
+                denominator = bottom if denominator is None else denominator + bottom
         if numerator is None:
             continue
-        ratio = numerator / denominator.clamp(min=torch.finfo(numerator.dtype).tiny)
+        tiny = torch.finfo(numerator.dtype).tiny
+        ratio = numerator if denominator is None else numerator / denominator.clamp(min=tiny)
         scores[group_name] = ratio if score == "mean_snr" else ratio.sqrt()
     return scores

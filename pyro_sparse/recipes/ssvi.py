@@ -2,12 +2,13 @@
 
 Options: ``--density`` (default 0.1; 0.25 with ``--structure unit``) and ``--update-every`` (default 100
 steps); ``--structure unit`` keeps that fraction of the units (neurons, channels) of every removable layer
-active instead of weights, and trains the smaller network of the active units (``infer.compact``). Besides the common
-metrics, metrics.json gets ``density``, ``train_flops_dense_vi`` (the same run with every weight
-active), ``support_updates`` (how many times the support moved), ``support_changes`` (weights moved
-in all), ``trainable_bytes`` (parameters + Adam state) and ``trainable_bytes_dense`` (the same for
-dense VI of this model); history.csv gets ``support_changes`` per epoch (and per update), and
-``support_updates.csv`` in the output folder lists every update and layer.
+active instead of weights, and trains the smaller network of the active units (``infer.compact``).
+Besides the common metrics, metrics.json gets ``density``, ``train_flops_dense_vi`` (the same run with
+every weight active), ``support_updates`` (how many times the support moved), ``support_changes``
+(weights moved in all; units with ``--structure unit``), ``trainable_bytes`` (parameters + Adam state)
+and ``trainable_bytes_dense`` (the same for dense VI of this model); history.csv gets
+``support_changes`` per epoch (and per update), and ``support_updates.csv`` in the output folder lists
+every update and layer.
 
 Training FLOPs (DESIGN.md's counting): the support size is constant, so a step costs the same
 throughout: training_flops_per_example(active) × N × epochs, plus for every gradient-growth update
