@@ -141,21 +141,12 @@ class SNRPruned(MeanField):
         """
         if structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-        if structure == "unit":
-            return self._prune_units(threshold, sparsity, scope, pruned, unit_score)
-        if (threshold is None) == (sparsity is None):
-            raise ValueError("give exactly one of threshold= and sparsity=")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if pruned not in PRUNED:
             raise ValueError(f"pruned must be one of {PRUNED}, got {pruned!r}")
-        if threshold is not None:
-            bad = not isinstance(threshold, int | float) or isinstance(threshold, bool)
-            if bad or not math.isfinite(threshold) or threshold < 0:
-                raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-        else:
-            sparsity = check_fraction("sparsity", sparsity)
+        sparsity = _check_rule(threshold, sparsity, scope)
         self._check_trained()
+        if structure == "unit":
+            return self._prune_units(threshold, sparsity, scope, pruned, unit_score)
 
         snr = self.snr()
         if threshold is not None:
@@ -188,21 +179,10 @@ class SNRPruned(MeanField):
 
     def _prune_units(self, threshold: float | None, sparsity: float | None, scope: str, pruned: str,
                      unit_score: str) -> dict[str, torch.Tensor]:
-        """``prune(structure="unit")``: see there."""
+        """``prune(structure="unit")`` after its arguments were checked: see there."""
         if pruned != "zero":
             raise ValueError("pruned='noise' is a weight-level comparison only: use pruned='zero' with "
                              "structure='unit'")
-        if (threshold is None) == (sparsity is None):
-            raise ValueError("give exactly one of threshold= and sparsity=")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if threshold is not None:
-            bad = not isinstance(threshold, int | float) or isinstance(threshold, bool)
-            if bad or not math.isfinite(threshold) or threshold < 0:
-                raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-        else:
-            sparsity = check_fraction("sparsity", sparsity)
-        self._check_trained()
         scores = self.unit_scores(unit_score)
         if not scores:
             raise ValueError("no unit group has a Bayesian producer layer: nothing to prune by unit")
@@ -248,6 +228,20 @@ class SNRPruned(MeanField):
             total, active = site.mask.numel(), int(site.mask.sum())
             rows.append({"site": name, "total": total, "active": active, "sparsity": 1.0 - active / total})
         return rows
+
+
+def _check_rule(threshold: float | None, sparsity: float | None, scope: str) -> float | None:
+    """Check ``prune``'s rule (exactly one of threshold / sparsity, a known scope); returns the sparsity."""
+    if (threshold is None) == (sparsity is None):
+        raise ValueError("give exactly one of threshold= and sparsity=")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if threshold is not None:
+        bad = not isinstance(threshold, int | float) or isinstance(threshold, bool)
+        if bad or not math.isfinite(threshold) or threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        return None
+    return check_fraction("sparsity", sparsity)
 
 
 def _threshold(snr: torch.Tensor, removed: torch.Tensor) -> float:
