@@ -6,7 +6,8 @@
 #                                                   and the mlp width sweep 128..2048
 #   2. benchmarks/ssvi.py --part steps --device $DEVICE     dense VI against SSVI at density 0.1
 #   3. benchmarks/em_sghmc.py --part step --device $DEVICE  SGHMC against SGD with momentum
-#   4. pyro_sparse.cli train --method {vi,snr,ssvi,em-sghmc} --device $DEVICE --epochs 2 (digits, the CLI's defaults)
+#   4. pyro_sparse.cli train --method {vi,snr,ssvi,em-sghmc} --device $DEVICE --epochs 2 (digits, the CLI's defaults),
+#      and snr --structure unit on a 64-400-400-10 mlp (its export's speed-ups at batch 1 and 1024, on $DEVICE)
 # then one table from their JSON files and each run's metrics.json, and the elapsed seconds.
 #
 #   bash benchmarks/gpu.sh                        # on a GPU: JSON, logs and runs in benchmarks/results/gpu/
@@ -111,6 +112,10 @@ for method in vi snr ssvi em-sghmc; do
     piece "train-$method" 90 "$PY" -m pyro_sparse.cli train --method "$method" --device "$DEVICE" --epochs 2 \
         "${extra[@]}" --out "$RESULTS/run-$method" --overwrite
 done
+# Unit-level SNR on a 64-400-400-10 mlp (digits: no data to fetch): its export's speed-ups (metrics.json, timed on
+# $DEVICE) show whether the smaller network pays on the GPU too; 2 epochs is about speed, not accuracy.
+piece train-snr-unit 90 "$PY" -m pyro_sparse.cli train --method snr --structure unit --hidden 400 400 \
+    --device "$DEVICE" --epochs 2 --out "$RESULTS/run-snr-unit" --overwrite
 
 # The table (also written to $RESULTS/table.txt).
 RESULTS="$RESULTS" DEVICE="$DEVICE" "$PY" - <<'EOF' | tee "$RESULTS/table.txt"
@@ -178,7 +183,7 @@ if em:
 else:
     missing("SGHMC / SGD momentum", "em_sghmc_step")
 
-for method in ("vi", "snr", "ssvi", "em-sghmc"):
+for method in ("vi", "snr", "ssvi", "em-sghmc", "snr-unit"):
     metrics = load(f"run-{method}/metrics.json")
     if metrics is None:
         missing(f"train {method}", f"train-{method}")
@@ -186,7 +191,10 @@ for method in ("vi", "snr", "ssvi", "em-sghmc"):
     wall = pieces.get(f"train-{method}", ("", 0))[1]
     rows.append((f"train {method}, {metrics['epochs']} epochs", f"{metrics['data']} {metrics['net']}", "-", "-", "-",
                  f"accuracy {100 * metrics['accuracy']:.2f} %, train_seconds {metrics['train_seconds']:.2f}, "
-                 f"sparsity {metrics['sparsity']:.2f}, wall {wall} s"))
+                 f"sparsity {metrics['sparsity']:.2f}, wall {wall} s"
+                 + (f", units {metrics['units_active']}/{metrics['units_total']}, export speed-up b1 "
+                    f"{metrics['export_speedup_batch_1']:.2f}x, b1024 {metrics['export_speedup_batch_1024']:.2f}x"
+                    if metrics.get("units_active", 0) < metrics.get("units_total", 0) else "")))
 
 meta = (step_time or {}).get("meta", {})
 print(f"\n{os.environ['DEVICE']}: ms per step (median; batch 128 in the timings, {meta.get('steps', '?')} rounds, "
