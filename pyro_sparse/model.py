@@ -188,6 +188,11 @@ class BayesianNetwork(nn.Module):
             return {}
         return {name: mask for name, mask in source.masks().items() if name in self.sites and not bool(mask.all())}
 
+    @property
+    def mask_source(self) -> MaskSource | None:
+        """The guide this model reads its masks from (``use_masks``), or None."""
+        return self._mask_link.source
+
     def unit_masks(self) -> dict[str, torch.Tensor]:
         """Unit group name -> bool keep mask (size,) of the groups with removed units (see ``units``)."""
         source = self._mask_link.source

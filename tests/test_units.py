@@ -390,3 +390,27 @@ def test_grown_units_of_a_horseshoe_network_start_on_the_scale_of_the_initial_on
     kept = guide.site("1.weight").variational()[0][keep.nonzero().squeeze(1)[-1]].detach()
     ratio = grown.pow(2).mean().sqrt() / kept.pow(2).mean().sqrt()  # β of both: w / τ̃, not w
     assert 0.5 < float(ratio) < 2.0
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_predictions_of_a_unit_pruned_guide_run_the_smaller_network_with_the_same_outputs(name, digits):
+    from pyro_sparse.infer.compact import dense_units
+    from pyro_sparse.posterior import predict_draws
+
+    net, x = ((ps.nets.mlp(64, (40, 30), 10), digits.test.tensors[0][:64]) if name == "mlp"
+              else (_tiny_resnet(), torch.randn(16, 3, 16, 16)))
+    model = ps.BayesianNetwork(net, dataset_size=100)
+    for module in model.net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.running_mean), nn.init.uniform_(module.running_var, 0.5, 2.0)
+    guide = ps.MeanField(model)
+    for group, spec in guide.unit_groups().items():
+        keep = torch.rand(spec.size) < 0.5
+        keep[0] = True
+        guide.set_unit_mask(group, keep)
+    draws = [guide.sample_weights() for _ in range(3)]
+    compact = predict_draws(model, draws, x)
+    with dense_units():  # the masked full network, as an independent computation
+        full = predict_draws(model, draws, x)
+    assert (compact.outputs - full.outputs).abs().max() <= 1e-5
+    assert ps.posterior._compact_network(model) is not None

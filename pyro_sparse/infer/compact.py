@@ -28,6 +28,9 @@ their LRT forward). The Monte Carlo noise has the small network's shapes, so a c
 other random numbers than the masked dense step: the two are equal in distribution, and equal
 exactly for the same noise (tests/test_ssvi_units.py). ``dense_units()`` turns compaction off
 within a block (for comparisons).
+
+Prediction takes the same path: ``posterior.evaluate_draw`` (``ps.evaluate``, ``Posterior.predict``) runs a
+guide's weight draws, cut to the small shapes (``CompactNetwork.gather``), through the small network.
 """
 
 from __future__ import annotations
@@ -192,6 +195,16 @@ class CompactNetwork:
                 moments[name], kl = _moments_and_kl(loc, rho, gather.mask, prior)
             total = total + kl
         return moments, total
+
+    def gather(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights of the full shapes (site name -> tensor, e.g. a draw of ``guide.sample_weights()``) cut to
+        the small network's shapes (differentiable)."""
+        gathered = {}
+        for name, value in weights.items():
+            gather = self.sites[name]
+            gathered[name] = value if gather.flat is None else \
+                value.reshape(-1).index_select(0, gather.flat.to(value.device)).view(gather.shape)
+        return gathered
 
     def apply(self, x: torch.Tensor, weights: Mapping[str, torch.Tensor] | None = None,
               moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
