@@ -89,6 +89,18 @@ def make_guide(model: ps.BayesianNetwork, kwargs: dict[str, Any] | None) -> ps.M
     return ps.MeanField(model) if kwargs is None else ps.guides.SparseSubspace(model, **kwargs)
 
 
+def train_and_evaluate(initial: torch.nn.Module, kwargs: dict[str, Any] | None, ds: ps.data.Dataset, epochs: int,
+                       lr: float, seed: int) -> tuple[ps.BayesianNetwork, ps.MeanField, list, dict[str, Any]]:
+    """One variant from the shared initial network: (model, guide, fit's history, ps.evaluate's metrics)."""
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    model = ps.BayesianNetwork(copy.deepcopy(initial), dataset_size=len(ds.train))
+    guide = make_guide(model, kwargs)
+    history = ps.fit(model, guide, ds.train, epochs=epochs, batch_size=BATCH_SIZE, lr=lr, seed=seed, progress=False)
+    torch.manual_seed(seed)
+    return model, guide, history, ps.evaluate(model, guide, ds.test, num_samples=NUM_SAMPLES)
+
+
 def run_accuracy(net: str, ds: ps.data.Dataset, epochs: int, seed: int, ssvi_lr: float,
                  layer_density: str, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
     x_train, _ = ds.train.tensors
@@ -99,14 +111,7 @@ def run_accuracy(net: str, ds: ps.data.Dataset, epochs: int, seed: int, ssvi_lr:
         if only and label not in only:
             continue
         lr = LR if kwargs is None else ssvi_lr
-        torch.manual_seed(seed)
-        pyro.set_rng_seed(seed)
-        model = ps.BayesianNetwork(copy.deepcopy(initial), dataset_size=len(x_train))
-        guide = make_guide(model, kwargs)
-        history = ps.fit(model, guide, ds.train, epochs=epochs, batch_size=BATCH_SIZE, lr=lr, seed=seed,
-                         progress=False)
-        torch.manual_seed(seed)
-        metrics = ps.evaluate(model, guide, ds.test, num_samples=NUM_SAMPLES)
+        model, guide, history, metrics = train_and_evaluate(initial, kwargs, ds, epochs, lr, seed)
         examples = len(x_train) * epochs
         flops = training_flops_per_example(model, guide.active_counts(), x_train) * examples
         if kwargs is not None:
@@ -226,19 +231,11 @@ def run_unit_steps(steps: int, device: torch.device) -> dict[str, Any]:
 
 def run_unit_accuracy(ds: ps.data.Dataset, epochs: int, seed: int) -> dict[str, dict[str, Any]]:
     """Dense VI against unit-level SSVI at density 0.5 (mlp, the same initial network, lr 1e-3)."""
-    x_train, _ = ds.train.tensors
     torch.manual_seed(seed)
     initial = NETS["mlp"]()
     results = {}
     for label, kwargs in (("dense VI", None), ("SSVI unit 0.5", {"density": 0.5, "structure": "unit"})):
-        torch.manual_seed(seed)
-        pyro.set_rng_seed(seed)
-        model = ps.BayesianNetwork(copy.deepcopy(initial), dataset_size=len(x_train))
-        guide = make_guide(model, kwargs)
-        history = ps.fit(model, guide, ds.train, epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=seed,
-                         progress=False)
-        torch.manual_seed(seed)
-        metrics = ps.evaluate(model, guide, ds.test, num_samples=NUM_SAMPLES)
+        _, _, history, metrics = train_and_evaluate(initial, kwargs, ds, epochs, LR, seed)
         results[label] = {key: metrics[key] for key in ("accuracy", "nll", "ece", "mean_sample_accuracy",
                                                           "sparsity", "active_weights")}
         results[label]["train_seconds"] = history[-1]["seconds"]

@@ -22,6 +22,21 @@ def _tiny_resnet() -> nn.Module:
     return ps.nets.ResNet((4, 8), (2, 1), num_classes=3, in_channels=3)
 
 
+def _randomly_pruned(net: nn.Module) -> tuple[ps.BayesianNetwork, ps.MeanField]:
+    """A model of ``net`` (BatchNorm running statistics made non-trivial) and a guide without a random half
+    of every unit group (each keeps its first unit)."""
+    model = ps.BayesianNetwork(net, dataset_size=100)
+    for module in model.net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.running_mean), nn.init.uniform_(module.running_var, 0.5, 2.0)
+    guide = ps.MeanField(model)
+    for name, spec in guide.unit_groups().items():
+        keep = torch.rand(spec.size) < 0.5
+        keep[0] = True
+        guide.set_unit_mask(name, keep)
+    return model, guide
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding the units
 # ----------------------------------------------------------------------------------------------
@@ -232,15 +247,7 @@ def test_unit_pruned_mlp_exports_to_a_smaller_network_with_the_same_logits(train
 
 def test_unit_pruned_lenet_and_resnet_export_with_fewer_channels(digits):
     for net, x in ((ps.nets.lenet5(), torch.randn(8, 1, 28, 28)), (_tiny_resnet(), torch.randn(8, 3, 16, 16))):
-        model = ps.BayesianNetwork(net, dataset_size=100)
-        for module in model.net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                nn.init.normal_(module.running_mean), nn.init.uniform_(module.running_var, 0.5, 2.0)
-        guide = ps.MeanField(model)
-        for name, spec in guide.unit_groups().items():
-            keep = torch.rand(spec.size) < 0.5
-            keep[0] = True
-            guide.set_unit_mask(name, keep)
+        model, guide = _randomly_pruned(net)
         model.eval()
         exported = export(model, guide, layout="dense")
         convs = [m for m in exported.modules() if isinstance(m, nn.Conv2d)]
@@ -399,15 +406,7 @@ def test_predictions_of_a_unit_pruned_guide_run_the_smaller_network_with_the_sam
 
     net, x = ((ps.nets.mlp(64, (40, 30), 10), digits.test.tensors[0][:64]) if name == "mlp"
               else (_tiny_resnet(), torch.randn(16, 3, 16, 16)))
-    model = ps.BayesianNetwork(net, dataset_size=100)
-    for module in model.net.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.normal_(module.running_mean), nn.init.uniform_(module.running_var, 0.5, 2.0)
-    guide = ps.MeanField(model)
-    for group, spec in guide.unit_groups().items():
-        keep = torch.rand(spec.size) < 0.5
-        keep[0] = True
-        guide.set_unit_mask(group, keep)
+    model, guide = _randomly_pruned(net)
     draws = [guide.sample_weights() for _ in range(3)]
     compact = predict_draws(model, draws, x)
     with dense_units():  # the masked full network, as an independent computation
